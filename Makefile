@@ -1,0 +1,38 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both create .venv if it is missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch is pinned so that machines with a local CPU wheel take it (an unpinned torch pulls a
+# multi-GB CUDA build). Override on GPU clusters: make install TORCH_SPEC="torch==2.13.0 --index-url ..."
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install install-dev demo test clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip wheel setuptools
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install $(TORCH_SPEC)
+	$(BIN)/pip install -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install -e '.[dev]'
+	# OpenAI's CLIP and open_clip, used only by the tests as independent reference implementations.
+	# --no-deps: it asks for torchvision, which does not import beside a CPU torch wheel; the tests
+	# load its model.py and simple_tokenizer.py, which need only torch, ftfy and regex.
+	$(BIN)/pip install --no-deps openai-clip==1.0.1 open_clip_torch==3.3.0
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: $(VENV)/.installed
+	$(BIN)/python -m pipelines.demo
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,218 @@
+import math
+
+import pytest
+import torch
+
+from clip_model import (CLIP, ClipConfig, TextConfig, VisionConfig, build_model, config_from_openai_state_dict,
+                        count_parameters, from_openai_state_dict, get_config, model_names)
+from clip_model.optim import clamp_logit_scale_, param_group_names, param_groups
+
+from .reference import openai_model
+
+PAPER_NAMES = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64",
+               "ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"]
+
+
+def openai_clip(cfg: ClipConfig) -> torch.nn.Module:
+    """The same architecture built by OpenAI's own clip/model.py."""
+    ref = openai_model()
+    v, t = cfg.vision, cfg.text
+    return ref.CLIP(cfg.embed_dim, v.image_size, v.layers, v.width, v.patch_size, t.context_length,
+                    t.vocab_size, t.width, t.heads, t.layers)
+
+
+@pytest.mark.parametrize("name", PAPER_NAMES)
+def test_named_config_matches_openai_parameter_count(name: str) -> None:
+    cfg = get_config(name)
+    with torch.device("meta"):  # shapes only: building RN50x64 for real takes seconds
+        ours = build_model(cfg)
+        theirs = openai_clip(cfg)
+    assert count_parameters(ours) == count_parameters(theirs)
+    ours_sd, theirs_sd = ours.state_dict(), theirs.state_dict()
+    assert set(ours_sd) == set(theirs_sd)
+    assert all(ours_sd[k].shape == theirs_sd[k].shape for k in ours_sd)
+    # Inference from shapes recovers the named config.
+    assert config_from_openai_state_dict(theirs_sd) == cfg
+
+
+def test_all_names_build() -> None:
+    assert set(PAPER_NAMES) < set(model_names())
+    with pytest.raises(KeyError, match="unknown model name 'ViT-Z/99'"):
+        get_config("ViT-Z/99")
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn", "small-vit"])
+def test_tiny_forward_backward(name: str) -> None:
+    torch.manual_seed(0)
+    cfg = get_config(name)
+    model = build_model(cfg)
+    images = torch.randn(4, 3, cfg.vision.image_size, cfg.vision.image_size)
+    tokens = torch.randint(1, 1000, (4, cfg.text.context_length))
+    tokens[:, 5] = cfg.text.vocab_size - 1  # EOT
+    img, txt, scale = model(images, tokens)
+    assert img.shape == txt.shape == (4, cfg.embed_dim)
+    assert torch.allclose(img.norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
+    loss = (scale * img @ txt.T).logsumexp(-1).mean()
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values()), \
+        [n for n, g in grads.items() if g is None]
+
+
+def test_text_features_read_at_eot_and_causal() -> None:
+    torch.manual_seed(0)
+    model = build_model(get_config("tiny-vit")).eval()
+    eot = model.config.text.vocab_size - 1
+    a = torch.zeros(1, 32, dtype=torch.long)
+    a[0, :4] = torch.tensor([49406, 10, 20, eot])
+    b = a.clone()
+    b[0, 10] = 77  # after EOT: invisible to the EOT position under the causal mask
+    c = a.clone()
+    c[0, 1] = 11  # before EOT: changes the features
+    with torch.no_grad():
+        fa, fb, fc = model.encode_text(a), model.encode_text(b), model.encode_text(c)
+    assert torch.allclose(fa, fb, atol=1e-6)
+    assert not torch.allclose(fa, fc, atol=1e-3)
+
+
+def test_state_dict_round_trip_and_inference() -> None:
+    torch.manual_seed(0)
+    for name in ("tiny-vit", "tiny-rn"):
+        model = build_model(get_config(name)).eval()
+        sd = model.state_dict()
+        again = from_openai_state_dict(sd).eval()
+        assert again.config == model.config
+        for k, v in again.state_dict().items():
+            assert torch.equal(v, sd[k]), k
+        x = torch.randn(2, 3, model.image_size, model.image_size)
+        with torch.no_grad():
+            assert torch.equal(model.encode_image(x), again.encode_image(x))
+
+
+def test_bad_state_dict_names_keys() -> None:
+    sd = build_model(get_config("tiny-vit")).state_dict()
+    broken = dict(sd)
+    del broken["visual.ln_post.weight"]
+    broken["visual.extra"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"missing keys \['visual.ln_post.weight'\].*unexpected keys \['visual.extra'\]"):
+        from_openai_state_dict(broken)
+    bad_shape = dict(sd)
+    bad_shape["visual.ln_pre.bias"] = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"mismatched shapes \['visual.ln_pre.bias: expected \(64,\), got \(3,\)'\]"):
+        from_openai_state_dict(bad_shape)
+    with pytest.raises(ValueError, match="missing keys \\['text_projection'\\]"):
+        from_openai_state_dict({k: v for k, v in sd.items() if k != "text_projection"})
+
+
+# A model small enough to run fast but with several heads in every attention, so head splitting is
+# checked against the reference (heads = width // 64, ResNet pool heads = 32 * width // 64).
+PARITY_CONFIGS = {
+    "vit": ClipConfig(embed_dim=96, vision=VisionConfig(image_size=64, layers=2, width=128, patch_size=16),
+                      text=TextConfig(context_length=77, vocab_size=49408, width=128, layers=2)),
+    "rn": ClipConfig(embed_dim=96, vision=VisionConfig(image_size=64, layers=(1, 2, 1, 1), width=16, patch_size=None),
+                     text=TextConfig(context_length=77, vocab_size=49408, width=128, layers=2)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PARITY_CONFIGS))
+def test_openai_state_dict_reproduces_reference_embeddings(kind: str) -> None:
+    """Weights initialised by OpenAI's implementation, loaded through our shape inference."""
+    torch.manual_seed(1)
+    ref = openai_clip(PARITY_CONFIGS[kind]).float().eval()
+    # Random BN statistics so that eval-mode batch norm is exercised, not the identity.
+    for m in ref.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+    ours = from_openai_state_dict(ref.state_dict()).eval()
+    assert ours.config == PARITY_CONFIGS[kind]
+    images = torch.randn(3, 3, 64, 64)
+    tokens = torch.zeros(3, 77, dtype=torch.long)
+    for i, n in enumerate((5, 40, 77)):
+        tokens[i, :n] = torch.randint(1, 49000, (n,))
+        tokens[i, 0] = 49406
+        tokens[i, n - 1] = 49407
+    with torch.no_grad():
+        for a, b in ((ours.encode_image(images), ref.encode_image(images)),
+                     (ours.encode_text(tokens), ref.encode_text(tokens))):
+            assert a.shape == b.shape
+            assert torch.allclose(a, b, atol=2e-5, rtol=1e-4), (a - b).abs().max()
+        ours_logits = ours.logit_scale.exp() * torch.nn.functional.normalize(ours.encode_image(images), dim=-1) \
+            @ torch.nn.functional.normalize(ours.encode_text(tokens), dim=-1).T
+        ref_logits, _ = ref(images, tokens)
+        assert torch.allclose(ours_logits, ref_logits, atol=1e-4)
+    # Export goes back into the reference unchanged (strict load).
+    ref2 = openai_clip(PARITY_CONFIGS[kind]).float()
+    ref2.load_state_dict(ours.state_dict(), strict=True)
+
+
+def test_openai_jit_meta_keys_and_fp16_are_accepted() -> None:
+    sd = {k: v.half() for k, v in build_model(get_config("tiny-vit")).state_dict().items()}
+    sd.update(input_resolution=torch.tensor(32), context_length=torch.tensor(32), vocab_size=torch.tensor(49408))
+    model = from_openai_state_dict(sd)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_quick_gelu_configurable_changes_outputs() -> None:
+    torch.manual_seed(0)
+    sd = build_model(get_config("tiny-vit")).state_dict()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        a = from_openai_state_dict(sd, quick_gelu=True).eval().encode_image(x)
+        b = from_openai_state_dict(sd, quick_gelu=False).eval().encode_image(x)
+    assert not torch.allclose(a, b, atol=1e-4)
+
+
+def test_patch_dropout_and_grad_checkpointing() -> None:
+    torch.manual_seed(0)
+    cfg = get_config("tiny-vit")
+    cfg.vision.patch_dropout = 0.5
+    model = build_model(cfg)
+    x = torch.randn(2, 3, 32, 32)
+    model.train()
+    a, b = model.encode_image(x), model.encode_image(x)
+    assert not torch.allclose(a, b)  # different random patch subsets
+    model.eval()
+    assert torch.allclose(model.encode_image(x), model.encode_image(x))  # dropout off in eval
+    # Gradient checkpointing recomputes blocks but gives the same gradients.
+    torch.manual_seed(0)
+    plain = build_model(get_config("tiny-vit"))
+    ck = build_model(get_config("tiny-vit"))
+    ck.load_state_dict(plain.state_dict())
+    ck.set_grad_checkpointing(True)
+    tokens = torch.randint(1, 100, (2, 32))
+    for m in (plain, ck):
+        img, txt, s = m(x, tokens)
+        (s * img @ txt.T).sum().backward()
+    for (n, p), (_, q) in zip(plain.named_parameters(), ck.named_parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), n
+
+
+def test_param_groups_follow_paper() -> None:
+    model = build_model(get_config("tiny-rn"))
+    names = param_group_names(model)
+    assert "logit_scale" in names["no_decay"]
+    assert "ln_final.weight" in names["no_decay"] and "ln_final.bias" in names["no_decay"]
+    assert "visual.bn1.weight" in names["no_decay"]
+    assert "transformer.resblocks.0.attn.in_proj_bias" in names["no_decay"]
+    assert "transformer.resblocks.0.attn.in_proj_weight" in names["decay"]
+    assert "visual.conv1.weight" in names["decay"] and "text_projection" in names["decay"]
+    groups = param_groups(model, weight_decay=0.2)
+    assert [g["weight_decay"] for g in groups] == [0.2, 0.0]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    # The clamp keeps the scale at or below 100, in the parameter and in the forward value.
+    with torch.no_grad():
+        model.logit_scale.fill_(7.0)
+    assert model.logit_scale_value().item() == pytest.approx(100.0)
+    clamp_logit_scale_(model)
+    assert model.logit_scale.item() == pytest.approx(math.log(100))
+
+
+def test_real_size_vit_b32_forward_shapes() -> None:
+    model = build_model(get_config("ViT-B/32")).eval()
+    with torch.no_grad():
+        img = model.encode_image(torch.randn(1, 3, 224, 224))
+        txt = model.encode_text(torch.randint(0, 49408, (1, 77)))
+    assert img.shape == txt.shape == (1, 512)

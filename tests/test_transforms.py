@@ -1,0 +1,48 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clip_model.transforms import OPENAI_MEAN, OPENAI_STD, EvalTransform, TrainTransform, stack
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_eval_transform_resizes_crops_centre_and_normalises() -> None:
+    # 80x40 image: left quarter red, middle half green, right quarter blue. Resize to 64x32 shorter
+    # side 32 then a centre 32x32 crop must be all green.
+    arr = np.zeros((40, 80, 3), dtype=np.uint8)
+    arr[:, :20] = (255, 0, 0)
+    arr[:, 20:60] = (0, 255, 0)
+    arr[:, 60:] = (0, 0, 255)
+    out = EvalTransform(32)(_png(Image.fromarray(arr)))
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    green = torch.tensor([(0 - OPENAI_MEAN[0]) / OPENAI_STD[0], (1 - OPENAI_MEAN[1]) / OPENAI_STD[1],
+                          (0 - OPENAI_MEAN[2]) / OPENAI_STD[2]])
+    assert torch.allclose(out[:, 4:-4, 4:-4].mean(dim=(1, 2)), green, atol=1e-3)
+
+
+def test_eval_transform_mean_colour_maps_to_zero_and_accepts_grey_and_rgba() -> None:
+    mean_rgb = tuple(int(round(m * 255)) for m in OPENAI_MEAN)
+    out = EvalTransform(16)(Image.new("RGB", (20, 30), mean_rgb))
+    assert out.abs().max() < 0.01
+    assert EvalTransform(16)(_png(Image.new("L", (20, 20), 128))).shape == (3, 16, 16)
+    assert EvalTransform(16)(_png(Image.new("RGBA", (20, 20), (1, 2, 3, 4)))).shape == (3, 16, 16)
+
+
+def test_train_transform_is_random_square_crop_and_seedable() -> None:
+    rng = np.random.default_rng(0)
+    img = _png(Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)))
+    a = stack(TrainTransform(32, seed=1), [img] * 4)
+    b = stack(TrainTransform(32, seed=1), [img] * 4)
+    assert a.shape == (4, 3, 32, 32)
+    assert torch.equal(a, b)  # same seed, same crops
+    assert not torch.equal(a[0], a[1])  # different crops within a run
+    with pytest.raises(ValueError, match="scale"):
+        TrainTransform(32, scale=(0.0, 1.0))
