@@ -1,0 +1,40 @@
+"""The data contracts between stages: sample rows and rejected rows (see docs/ARCHITECTURE.md)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+
+# One row per image-text pair. Stages may append columns (e.g. clip_score) but never drop these.
+SAMPLE_SCHEMA = pa.schema([
+    ("key", pa.string()),  # stable id: sample_key(url, caption)
+    ("url", pa.string()),
+    ("caption", pa.string()),
+    ("query", pa.string()),  # the metadata query / source the pair came from ("" if unknown)
+    ("image", pa.binary()),  # encoded bytes (JPEG by default)
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("original_width", pa.int32()),
+    ("original_height", pa.int32()),
+    ("sha256", pa.string()),  # hex digest of the stored image bytes
+    ("phash", pa.int64()),  # 64-bit perceptual hash of the stored image, as a signed int64
+])
+
+# Every input row a stage does not pass on lands here, so that rows_in = rows_out + rejected.
+REJECTED_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("url", pa.string()),
+    ("stage", pa.string()),
+    ("reason", pa.string()),
+    ("detail", pa.string()),  # free text: the kept duplicate's key, the HTTP status, the eval set...
+])
+
+
+def sample_key(url: str, caption: str) -> str:
+    """Stable across runs and machines; distinct (url, caption) pairs get distinct keys."""
+    return hashlib.sha256(f"{url}\x00{caption}".encode("utf-8", "surrogatepass")).hexdigest()[:24]
+
+
+def empty_rejected() -> pa.Table:
+    return REJECTED_SCHEMA.empty_table()

@@ -1,0 +1,158 @@
+"""What every data stage shares: Ray start-up, part-wise commits, the manifest at the end.
+
+A stage splits its work into parts with deterministic names (`part-00012`). A part writes its kept
+rows to `part-00012.parquet`, its rejected rows to `_rejected/part-00012.parquet`, and last a small
+marker `_parts/part-00012.json` holding its counts and the stage fingerprint. A rerun skips parts
+whose marker carries the same fingerprint and redoes the rest (overwriting by name, so no
+duplicates). When all parts are done the driver writes `_manifest.json`, the commit: readers read
+only the files it lists, so a stage killed midway leaves nothing a reader would take for a result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from .manifest import Manifest, schema_fields, write_manifest
+from .storage import S3Options, Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RayConfig:
+    # Ray cluster address; None = $RAY_ADDRESS if set (e.g. under `ray job submit`), else a local Ray.
+    address: str | None = None
+    # Local Ray only: logical CPUs. Ray Train workers hold their CPUs for the whole run, so a local
+    # Ray needs more logical CPUs than cores or data tasks starve (default: max(4, 2 * cores)).
+    num_cpus: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ValueError(f"ray.num_cpus must be >= 1, got {self.num_cpus}")
+
+
+def init_ray(cfg: RayConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        num_cpus = cfg.num_cpus or max(4, 2 * (os.cpu_count() or 1))
+        # Metrics export off: nothing scrapes it on a laptop, and its exporter thread has crashed
+        # workers at shutdown (ray-project/ray#36885).
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}},
+                 _system_config={"enable_metrics_collection": False})
+
+
+@dataclass
+class OutputConfig:
+    # Where the stage writes: a local directory or s3://bucket/prefix.
+    path: str = "out"
+    # Parquet row group size for data files (streaming readers read one group at a time).
+    row_group_size: int = 1000
+    # Connection settings when path is on S3 (credentials come from the AWS env/profile, never here).
+    s3: S3Options = field(default_factory=S3Options)
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}"
+
+
+@dataclass
+class PartResult:
+    name: str
+    rows_in: int
+    rows_out: int
+    rejected: dict[str, int]
+    files: list[dict[str, Any]]  # [{path, rows, bytes}] data files, relative to the stage dir
+    rejected_files: list[dict[str, Any]]
+    skipped: bool = False  # already committed by an earlier run
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "skipped"}
+
+
+class PartStore:
+    """Commits and finds parts of one stage output directory. Picklable; safe to use from Ray tasks."""
+
+    def __init__(self, storage: Storage, stage: str, fingerprint: str, row_group_size: int = 1000) -> None:
+        self.storage = storage
+        self.stage = stage
+        self.fingerprint = fingerprint
+        self.row_group_size = row_group_size
+
+    def done(self, name: str) -> PartResult | None:
+        marker = f"_parts/{name}.json"
+        if not self.storage.exists(marker):
+            return None
+        data = json.loads(self.storage.read_bytes(marker))
+        if data.get("fingerprint") != self.fingerprint:
+            return None  # written by a run with another config: redo
+        data.pop("fingerprint")
+        return PartResult(**data, skipped=True)
+
+    def commit(self, name: str, kept: pa.Table, rejected: pa.Table, rows_in: int) -> PartResult:
+        if kept.num_rows + rejected.num_rows != rows_in:
+            raise AssertionError(f"{self.stage} {name}: {rows_in} rows in but {kept.num_rows} kept + "
+                                 f"{rejected.num_rows} rejected; every input row must be accounted for")
+        files, rejected_files = [], []
+        if kept.num_rows:
+            path = f"{name}.parquet"
+            size = self.storage.write_parquet(kept, path, row_group_size=self.row_group_size)
+            files.append({"path": path, "rows": kept.num_rows, "bytes": size})
+        if rejected.num_rows:
+            path = f"_rejected/{name}.parquet"
+            size = self.storage.write_parquet(rejected, path)
+            rejected_files.append({"path": path, "rows": rejected.num_rows, "bytes": size})
+        reasons = Counter(rejected.column("reason").to_pylist()) if rejected.num_rows else Counter()
+        result = PartResult(name, rows_in, kept.num_rows, dict(sorted(reasons.items())), files, rejected_files)
+        # The marker goes last: a part without one is redone on rerun.
+        self.storage.write_bytes(f"_parts/{name}.json",
+                                 json.dumps({**result.to_json(), "fingerprint": self.fingerprint}).encode())
+        return result
+
+
+def finish_stage(storage: Storage, stage: str, fingerprint: str, parts: list[PartResult], schema: pa.Schema,
+                 config: dict[str, Any], started: float, inputs: list[str], extra: dict[str, Any] | None = None,
+                 timings: dict[str, float] | None = None) -> Manifest:
+    """Write the manifest (the commit) from all parts' results and print the funnel."""
+    from .manifest import format_funnel
+
+    parts = sorted(parts, key=lambda p: p.name)
+    rejected: Counter = Counter()
+    for p in parts:
+        rejected.update(p.rejected)
+    rows_in = sum(p.rows_in for p in parts)
+    rows_out = sum(p.rows_out for p in parts)
+    if rows_in != rows_out + sum(rejected.values()):
+        raise AssertionError(f"{stage}: funnel does not add up: {rows_in} in, {rows_out} out, "
+                             f"{sum(rejected.values())} rejected")
+    manifest = Manifest(
+        stage=stage,
+        fingerprint=fingerprint,
+        files=[f for p in parts for f in p.files],
+        schema=schema_fields(schema),
+        rows_in=rows_in,
+        rows_out=rows_out,
+        rejected=dict(sorted(rejected.items())),
+        timings={"total_s": round(time.time() - started, 3), **(timings or {})},
+        config=config,
+        extra={"rejected_files": [f for p in parts for f in p.rejected_files],
+               "parts_reused": sum(p.skipped for p in parts), "inputs": inputs, **(extra or {})},
+    )
+    write_manifest(storage, "", manifest)
+    print(format_funnel(manifest), flush=True)
+    return manifest

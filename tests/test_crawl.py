@@ -1,0 +1,147 @@
+"""The crawl stage end to end: a loopback web server with good and hostile URLs, a real local Ray."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.config import load_config
+from pipelines.crawl import CrawlConfig, run
+from pipelines.local_web import HOSTILE, LocalWebServer, WebContent
+from pipelines.manifest import read_manifest
+from pipelines.schema import SAMPLE_SCHEMA
+from pipelines.storage import Storage
+from pipelines.synthetic import shape_samples
+
+N_IMAGES = 240
+
+
+@pytest.fixture(scope="module")
+def web():
+    samples = shape_samples(N_IMAGES, seed=3)
+    content = WebContent([s.image for s in samples], [s.caption for s in samples], [s.label for s in samples],
+                         big_bytes=2_000_000, slow_seconds=4.0)
+    with LocalWebServer(content) as server:
+        yield server
+
+
+def write_list(rows: list[dict], path: str, fmt: str = "parquet") -> str:
+    table = pa.Table.from_pylist(rows)
+    if fmt == "parquet":
+        pq.write_table(table, path)
+    else:
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(table, path)
+    return path
+
+
+def crawl_overrides(inputs: list[str], out: str, **extra) -> list[str]:
+    overrides = [f"input.paths=[{','.join(inputs)}]", "input.query_col=query", f"output.path={out}",
+                 "fetch.allow_networks=[127.0.0.1/32]", "fetch.deadline_s=1.5", "fetch.max_bytes=1000000",
+                 "fetch.max_retries=1", "fetch.backoff_base_s=0.05", "image.image_size=48",
+                 "rows_per_part=64", "ray.num_cpus=4"]
+    return overrides + [f"{k}={v}" for k, v in extra.items()]
+
+
+def crawl_config(inputs: list[str], out: str, **extra) -> CrawlConfig:
+    return load_config(CrawlConfig, None, crawl_overrides(inputs, out, **extra))
+
+
+def rejected_rows(out: str) -> list[dict]:
+    st = Storage.from_uri(out)
+    m = read_manifest(st, "")
+    files = [f["path"] for f in m.extra["rejected_files"]]
+    return st.read_parquet(files).to_pylist() if files else []
+
+
+def committed_keys(out: str) -> list[str]:
+    st = Storage.from_uri(out)
+    m = read_manifest(st, "")
+    return st.read_parquet(m.file_paths(), columns=["key"]).column("key").to_pylist()
+
+
+def test_crawl_hostile_cases_each_get_their_reason(web, tmp_path) -> None:
+    rows = web.url_list(hostile=True)
+    # Bad input of the list itself: an invalid UTF-8 caption and a duplicated row.
+    rows.append({"url": f"{web.base_url}/img/1.jpg", "caption": rows[1]["caption"], "query": rows[1]["query"]})
+    src = write_list(rows, str(tmp_path / "list.parquet"))
+    bad = pa.table({"url": [f"{web.base_url}/img/2.jpg"], "caption": pa.array([b"caf\xe9 \xff"], pa.binary()),
+                    "query": ["x"]})
+    pq.write_table(pa.concat_tables([pq.read_table(src).cast(bad.schema), bad]), src)
+    out = str(tmp_path / "crawl")
+    m = run(crawl_config([src], out))
+    assert m.rows_in == len(rows) + 1
+    assert m.rows_out == N_IMAGES  # every good image, once
+    assert m.rows_in == m.rows_out + sum(m.rejected.values())
+    by_url = {r["url"]: r["reason"] for r in rejected_rows(out)}
+    for path, reason in HOSTILE.items():
+        assert by_url[f"{web.base_url}{path}"] == reason, path
+    assert by_url["file:///etc/passwd"] == "bad_scheme"
+    assert by_url["data:image/png;base64,iVBORw0KGgo="] == "bad_scheme"
+    assert m.rejected["invalid_utf8_caption"] == 1
+    assert m.rejected["duplicate_input_row"] == 1
+    # robots.txt was fetched once per host, not once per URL.
+    assert web.hits["/robots.txt"] <= 4  # at most once per crawler actor
+    st = Storage.from_uri(out)
+    table = st.read_parquet(m.file_paths())
+    assert table.schema.equals(SAMPLE_SCHEMA)
+    assert len(set(table.column("key").to_pylist())) == N_IMAGES
+    assert max(table.column("width").to_pylist()) <= 48 and min(table.column("original_width").to_pylist()) == 64
+    # Rerunning a committed stage does nothing.
+    again = run(crawl_config([src], out))
+    assert again.created_at == m.created_at
+
+
+def test_crawl_reads_csv_jsonl_gz(web, tmp_path) -> None:
+    import gzip
+    import json
+
+    rows = web.url_list()[:20]
+    csv_path = write_list(rows, str(tmp_path / "list.csv"), fmt="csv")
+    jl = tmp_path / "list.jsonl.gz"
+    with gzip.open(jl, "wt") as f:
+        for r in rows[20:0:-1]:
+            f.write(json.dumps(r) + "\n")
+        f.write("{not json\n")
+    m_csv = run(crawl_config([csv_path], str(tmp_path / "c1")))
+    m_jl = run(crawl_config([str(jl)], str(tmp_path / "c2")))
+    assert m_csv.rows_out == 20
+    assert m_jl.rows_in == 20 and m_jl.rows_out == 19 and m_jl.rejected == {"input_parse_error": 1}
+    with pytest.raises(ValueError, match="has no column"):
+        run(crawl_config([csv_path], str(tmp_path / "c3"), **{"input.url_col": "link"}))
+
+
+def test_crawl_killed_midway_resumes_to_the_same_keys(tmp_path) -> None:
+    import ray
+
+    samples = shape_samples(160, seed=5)
+    content = WebContent([s.image for s in samples], [s.caption for s in samples], image_delay_s=0.05)
+    with LocalWebServer(content) as slow_web:
+        src = write_list(slow_web.url_list(), str(tmp_path / "list.parquet"))
+        clean = str(tmp_path / "clean")
+        run(crawl_config([src], clean, rows_per_part=20, threads_per_worker=2))
+        killed = str(tmp_path / "killed")
+        args = crawl_overrides([src], killed, rows_per_part=20, threads_per_worker=2, workers=1)
+        env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.crawl", *args], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        parts_dir = os.path.join(killed, "_parts")
+        deadline = time.time() + 240
+        while time.time() < deadline and (not os.path.isdir(parts_dir) or len(os.listdir(parts_dir)) < 2):
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        committed_before = len(os.listdir(parts_dir))
+        assert 2 <= committed_before < 8, "the crawl was not killed midway"
+        assert not os.path.exists(os.path.join(killed, "_manifest.json"))
+        m = run(crawl_config([src], killed, rows_per_part=20, threads_per_worker=2, workers=1))
+    assert m.extra["parts_reused"] >= 2
+    keys = committed_keys(killed)
+    assert len(keys) == len(set(keys)) == 160
+    assert sorted(keys) == sorted(committed_keys(clean))
