@@ -1,0 +1,211 @@
+"""Stage 2, filter: caption and image rules, a per-query cap, and an optional CLIP-score filter.
+
+    python -m pipelines.filter --config configs/filter.yaml [key=value ...]
+
+Each committed input file is one part: the part keeps its name, writes the rows that pass and the
+rows that do not (with the first rule they failed) and commits. The per-query cap needs all rows
+of a query: a Ray Data groupby over (key, query) finds, for each query over the cap, the largest
+key kept; the parts then apply those cut-offs. A CLIP-score filter runs as an actor pool that
+loads its checkpoint once per actor.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .config import parse_cli, to_dict
+from .filters import FilterConfig, over_query_cap, row_reasons
+from .manifest import Manifest, fingerprint, read_manifest
+from .schema import REJECTED_SCHEMA
+from .stage import OutputConfig, PartResult, PartStore, RayConfig, finish_stage, init_ray
+from .storage import S3Options, Storage
+
+STAGE = "filter"
+
+
+@dataclass
+class FilterStageConfig:
+    # The committed output of the crawl (a directory with _manifest.json), local or s3://.
+    input: str = ""
+    input_s3: S3Options = field(default_factory=S3Options)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    rules: FilterConfig = field(default_factory=FilterConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    # Parallel file workers; None = all logical CPUs.
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.input:
+            raise ValueError("filter.input is empty: give the crawl stage's output directory")
+
+
+def read_committed(uri: str, s3: S3Options, stage_hint: str) -> tuple[Storage, Manifest]:
+    storage = Storage.from_uri(uri, s3)
+    manifest = read_manifest(storage, "")
+    if manifest is None:
+        raise FileNotFoundError(f"{uri} has no _manifest.json: run the {stage_hint} stage first (or let it finish)")
+    return storage, manifest
+
+
+def _query_cutoffs(group: pa.Table, cap: int) -> pa.Table:
+    keys = sorted(group.column("key").to_pylist())
+    if len(keys) <= cap:
+        return pa.table({"query": pa.array([], pa.string()), "cutoff": pa.array([], pa.string())})
+    return pa.table({"query": [group.column("query")[0].as_py()], "cutoff": [keys[cap - 1]]})
+
+
+def _passing_rules(batch: pa.Table, rules: FilterConfig) -> pa.Table:
+    keep = pa.array([not r for r in row_reasons(batch, rules)])
+    return batch.filter(keep).select(["key", "query"])
+
+
+def compute_query_cutoffs(inp: Storage, manifest: Manifest, rules: FilterConfig) -> dict[str, str]:
+    """Cut-offs over the rows that pass the caption and image rules (the cap counts rows that would
+    otherwise be kept; the CLIP-score filter, if on, applies after it). Only queries over the cap come
+    back to the driver (one short row each), never the rows."""
+    import ray.data
+
+    columns = ["key", "query", "caption", "width", "height", "original_width", "original_height"]
+    keys = (ray.data.read_parquet(**inp.ray_read_args(manifest.file_paths()), columns=columns)
+            .map_batches(_passing_rules, batch_format="pyarrow", fn_kwargs={"rules": rules}))
+    rows = keys.groupby("query").map_groups(_query_cutoffs, batch_format="pyarrow",
+                                            fn_kwargs={"cap": rules.max_per_query}).take_all()
+    return {r["query"]: r["cutoff"] for r in rows}
+
+
+class ClipScorer:
+    """Cosine similarity between a trained CLIP's image and caption embeddings (DataComp's CLIP score)."""
+
+    def __init__(self, checkpoint: str, s3: S3Options) -> None:
+        from clip_model.export import load_export
+        from clip_model.transforms import EvalTransform
+
+        local = _fetch_export(checkpoint, s3)
+        self.model, self.tokenizer = load_export(local)
+        self.transform = EvalTransform(self.model.image_size)
+
+    def __call__(self, images: list[bytes], captions: list[str], batch_size: int = 64) -> np.ndarray:
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(images), batch_size):
+                x = torch.stack([self.transform(b) for b in images[i:i + batch_size]])
+                t = self.tokenizer(captions[i:i + batch_size], context_length=self.model.context_length)
+                img, txt, _ = self.model(x, t)
+                out.append((img * txt).sum(dim=-1).numpy())
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def _fetch_export(uri: str, s3: S3Options) -> str:
+    """Exports on S3 are copied to a local temp dir (torch.load wants a file)."""
+    if not uri.startswith("s3://"):
+        return uri
+    st = Storage.from_uri(uri, s3)
+    local = tempfile.mkdtemp(prefix="clip-export-")
+    for rel in st.list(""):
+        path = os.path.join(local, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(st.read_bytes(rel))
+    return local
+
+
+class FilterFiles:
+    def __init__(self, inp: Storage, store: PartStore, cfg: FilterStageConfig, cutoffs: dict[str, str]) -> None:
+        self.inp = inp
+        self.store = store
+        self.cfg = cfg
+        self.cutoffs = cutoffs
+        self.scorer = ClipScorer(cfg.rules.clip_score_checkpoint, cfg.input_s3) if cfg.rules.clip_score_checkpoint else None
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        import json
+
+        out = []
+        for path in batch["path"]:
+            name = os.path.splitext(os.path.basename(path))[0]
+            result = self.store.done(name) or self.filter_file(name, path)
+            out.append(json.dumps({**result.to_json(), "skipped": result.skipped}))
+        return {"result": out}
+
+    def filter_file(self, name: str, path: str) -> PartResult:
+        table = self.inp.read_parquet(path)
+        reasons = row_reasons(table, self.cfg.rules)
+        if self.cutoffs:
+            over = over_query_cap(table.column("query").to_pylist(), table.column("key").to_pylist(), self.cutoffs)
+            reasons = [r or ("query_cap" if o else "") for r, o in zip(reasons, over)]
+        if self.scorer is not None:
+            todo = [i for i, r in enumerate(reasons) if not r]
+            scores = np.full(table.num_rows, np.nan, dtype=np.float32)
+            if todo:
+                sub = table.take(todo)
+                scores[todo] = self.scorer(sub.column("image").to_pylist(), sub.column("caption").to_pylist())
+            reasons = [r or ("clip_score_low" if s < self.cfg.rules.min_clip_score else "")
+                       for r, s in zip(reasons, scores)]
+            table = table.append_column("clip_score", pa.array(scores, pa.float32()))
+        keep = pa.array([not r for r in reasons])
+        kept = table.filter(keep)
+        dropped = table.filter(pc.invert(keep))
+        dropped_reasons = [r for r in reasons if r]
+        rejected = pa.table({
+            "key": dropped.column("key"), "url": dropped.column("url"),
+            "stage": pa.array([STAGE] * dropped.num_rows, pa.string()),
+            "reason": pa.array(dropped_reasons, pa.string()),
+            "detail": pa.array([""] * dropped.num_rows, pa.string()),
+        }, schema=REJECTED_SCHEMA)
+        return self.store.commit(name, kept, rejected, table.num_rows)
+
+
+def run(cfg: FilterStageConfig) -> Manifest:
+    import json
+
+    started = time.time()
+    inp, in_manifest = read_committed(cfg.input, cfg.input_s3, "crawl")
+    out = Storage.from_uri(cfg.output.path, cfg.output.s3)
+    conf = {"rules": to_dict(cfg.rules)}
+    fp = fingerprint(STAGE, conf, [in_manifest])
+    existing = read_manifest(out, "")
+    if existing is not None and existing.fingerprint == fp:
+        print(f"filter: {out.uri()} already committed with this config and input; nothing to do", flush=True)
+        return existing
+    init_ray(cfg.ray)
+    import ray
+    import ray.data
+
+    t0 = time.time()
+    cutoffs = compute_query_cutoffs(inp, in_manifest, cfg.rules) if cfg.rules.max_per_query else {}
+    t_cap = time.time() - t0
+    store = PartStore(out, STAGE, fp, cfg.output.row_group_size)
+    workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    items = [{"path": p} for p in in_manifest.file_paths()]
+    if not items:
+        raise ValueError(f"filter input {cfg.input} lists no data files (the crawl kept no rows)")
+    ctor = {"inp": inp, "store": store, "cfg": cfg, "cutoffs": cutoffs}
+    results = (ray.data.from_items(items, override_num_blocks=len(items))
+               .map_batches(FilterFiles, batch_size=1, fn_constructor_kwargs=ctor,
+                            concurrency=min(workers, len(items)), num_cpus=1)
+               .take_all())
+    parts = [PartResult(**json.loads(r["result"])) for r in results]
+    schema = inp.read_parquet(in_manifest.file_paths()[0]).schema if in_manifest.files else None
+    if cfg.rules.clip_score_checkpoint:
+        schema = schema.append(pa.field("clip_score", pa.float32()))
+    return finish_stage(out, STAGE, fp, parts, schema, to_dict(cfg), started, [cfg.input],
+                        extra={"queries_capped": len(cutoffs)}, timings={"query_cap_s": round(t_cap, 3)})
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(parse_cli(FilterStageConfig, argv, prog="python -m pipelines.filter"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,38 @@
+"""Committed stage outputs made directly (no crawl), for testing the stages that read them."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+
+import imagehash
+import pyarrow as pa
+from PIL import Image
+
+from pipelines.images import process_image, ImageConfig
+from pipelines.manifest import fingerprint
+from pipelines.schema import REJECTED_SCHEMA, SAMPLE_SCHEMA, sample_key
+from pipelines.stage import PartStore, finish_stage
+from pipelines.storage import Storage
+
+
+def sample_row(image: bytes, caption: str, url: str, query: str = "", cfg: ImageConfig | None = None) -> dict:
+    res = process_image(image, cfg or ImageConfig(image_size=64, resize_mode="keep_ratio"))
+    assert res.ok, res.reason
+    return {"key": sample_key(url, caption), "url": url, "caption": caption, "query": query, "image": res.image,
+            "width": res.width, "height": res.height, "original_width": res.original_width,
+            "original_height": res.original_height, "sha256": res.sha256, "phash": res.phash}
+
+
+def commit_rows(uri: str, rows: list[dict], rows_per_part: int = 50, stage: str = "crawl", s3=None) -> None:
+    """Write rows as a committed stage output (parts + manifest), as the crawl would."""
+    st = Storage.from_uri(uri, s3)
+    fp = fingerprint(stage, {"test": uri, "n": len(rows)})
+    store = PartStore(st, stage, fp)
+    parts = []
+    for i in range(0, max(len(rows), 1), rows_per_part):
+        chunk = rows[i:i + rows_per_part]
+        parts.append(store.commit(f"part-{i // rows_per_part:05d}", pa.Table.from_pylist(chunk, schema=SAMPLE_SCHEMA),
+                                  REJECTED_SCHEMA.empty_table(), len(chunk)))
+    finish_stage(st, stage, fp, parts, SAMPLE_SCHEMA, {}, time.time(), [])
