@@ -1,0 +1,146 @@
+"""Stage 4, shard: the final training set as Parquet shards of a target size, then the manifest.
+
+    python -m pipelines.shard --config configs/shard.yaml [key=value ...]
+
+Shuffling is a Ray Data sort on a seeded hash of each key, with fixed, evenly spaced range
+boundaries: the same input and seed give the same shards, row for row, however Ray lays out
+blocks. Shards are named by their partition (`shard-<fingerprint>-00007-0.parquet`) and only the files this
+run wrote, read back for their row counts, are committed by the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import parse_cli, to_dict
+from .filter import read_committed
+from .manifest import MANIFEST_NAME, Manifest, fingerprint, read_manifest
+from .stage import OutputConfig, PartResult, RayConfig, finish_stage, init_ray
+from .storage import S3Options, Storage
+
+STAGE = "shard"
+_ORDER = "_shard_order"
+_ORDER_BITS = 62  # order keys are uniform in [0, 2**62): int64-safe
+
+
+@dataclass
+class ShardConfig:
+    # The committed output of the dedup stage (or any stage with sample rows), local or s3://.
+    input: str = ""
+    input_s3: S3Options = field(default_factory=S3Options)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    # Target rows per shard (shards come out within a few percent of it when shuffled).
+    rows_per_shard: int = 10000
+    # Optional byte target: the shard size is the smaller of the two, estimated from the input's bytes/row.
+    bytes_per_shard: int | None = 256 * 1024 * 1024
+    # Rows per Parquet row group: the unit a streaming reader fetches.
+    row_group_size: int = 256
+    shuffle: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.input:
+            raise ValueError("shard.input is empty: give the dedup stage's output directory")
+        if self.rows_per_shard < 1 or self.row_group_size < 1:
+            raise ValueError("shard.rows_per_shard and shard.row_group_size must be >= 1")
+        if self.bytes_per_shard is not None and self.bytes_per_shard < 1:
+            raise ValueError(f"shard.bytes_per_shard must be >= 1 or null, got {self.bytes_per_shard}")
+
+
+def _order_keys(batch: pa.Table, seed: int) -> pa.Table:
+    keys = batch.column("key").to_pylist()
+    order = [int.from_bytes(hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=8).digest(), "big") >> 2
+             for k in keys]
+    return batch.append_column(_ORDER, pa.array(order, pa.int64()))
+
+
+def shard_rows(cfg: ShardConfig, manifest: Manifest) -> int:
+    rows = cfg.rows_per_shard
+    if cfg.bytes_per_shard and manifest.rows_out:
+        per_row = max(1.0, manifest.total_bytes / manifest.rows_out)
+        rows = min(rows, max(1, int(cfg.bytes_per_shard / per_row)))
+    return rows
+
+
+def _names(fp: str):
+    from ray.data.datasource import FilenameProvider
+
+    class ShardNames(FilenameProvider):
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            # Ray appends "-<n>.parquet" when a task splits its output into several files.
+            return f"shard-{fp[:8]}-{task_index:05d}"
+
+    return ShardNames()
+
+
+def run(cfg: ShardConfig) -> Manifest:
+    started = time.time()
+    inp, in_manifest = read_committed(cfg.input, cfg.input_s3, "dedup")
+    out = Storage.from_uri(cfg.output.path, cfg.output.s3)
+    conf = {k: v for k, v in to_dict(cfg).items() if k not in ("input", "input_s3", "output", "ray")}
+    fp = fingerprint(STAGE, conf, [in_manifest])
+    existing = read_manifest(out, "")
+    if existing is not None and existing.fingerprint == fp:
+        print(f"shard: {out.uri()} already committed with this config and input; nothing to do", flush=True)
+        return existing
+    if in_manifest.rows_out == 0:
+        raise ValueError(f"shard input {cfg.input} has no rows: nothing to shard")
+    init_ray(cfg.ray)
+    import ray.data
+    from ray.data import SaveMode
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # deterministic task order -> deterministic names
+    per_shard = shard_rows(cfg, in_manifest)
+    num_shards = max(1, math.ceil(in_manifest.rows_out / per_shard))
+    ds = ray.data.read_parquet(**inp.ray_read_args(in_manifest.file_paths()))
+    if cfg.shuffle:
+        step = 2 ** _ORDER_BITS / num_shards
+        boundaries = [int(step * i) for i in range(1, num_shards)]
+        ds = (ds.map_batches(_order_keys, batch_format="pyarrow", fn_kwargs={"seed": cfg.seed})
+              .sort(_ORDER, boundaries=boundaries or None)
+              .drop_columns([_ORDER]))
+    else:
+        ds = ds.repartition(num_shards)
+    # Shards live under data/, which this write replaces whole (Ray's OVERWRITE mode, which also lets
+    # names be deterministic). An older manifest is removed first: it would list files being replaced.
+    if existing is not None:
+        out.delete(MANIFEST_NAME)
+    prefix = f"data/shard-{fp[:8]}-"
+    ds.write_parquet(out.fs_path("data"), filesystem=out.fs, mode=SaveMode.OVERWRITE,
+                     filename_provider=_names(fp), row_group_size=cfg.row_group_size,
+                     max_rows_per_file=per_shard * 2)
+    written = [p for p in out.list("data") if p.startswith(prefix) and p.endswith(".parquet")]
+    files = []
+    for path in sorted(written):
+        with out.open_input(path) as f:
+            meta = pq.ParquetFile(f).metadata
+        files.append({"path": path, "rows": meta.num_rows, "bytes": out.size(path)})
+    rows = sum(f["rows"] for f in files)
+    part = PartResult("all", in_manifest.rows_out, rows, {}, files, [])
+    if rows != in_manifest.rows_out:
+        raise RuntimeError(f"shard wrote {rows} rows but its input committed {in_manifest.rows_out}; "
+                           f"files under {out.uri()} starting {prefix} are stale or partial")
+    sizes = np.array([f["rows"] for f in files])
+    print(f"shard: {len(files)} shards, rows per shard min {sizes.min()} / median {int(np.median(sizes))} / "
+          f"max {sizes.max()} (target {per_shard})", flush=True)
+    schema = pq.read_schema(out.open_input(files[0]["path"]))
+    return finish_stage(out, STAGE, fp, [part], schema, to_dict(cfg), started, [cfg.input],
+                        extra={"rows_per_shard_target": per_shard, "num_shards": len(files)})
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(parse_cli(ShardConfig, argv, prog="python -m pipelines.shard"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
