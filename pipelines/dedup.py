@@ -1,0 +1,199 @@
+"""Stage 3, dedup: exact and near duplicates, and eval-set decontamination (paper section 5).
+
+    python -m pipelines.dedup --config configs/dedup.yaml [key=value ...]
+
+The plan (which rows go, and why) is computed by `dedup_core.plan_dedup` with Ray Data shuffles
+and groupbys over the rows' hashes only, never the images and never on the driver. The drops are
+then routed to their input files with a groupby, and each input file becomes one output part
+holding the rows that stay; dropped rows go to `_rejected/` with the key of the row kept instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .config import parse_cli, to_dict
+from .dedup_core import DedupConfig, build_eval_index, overlap_report, plan_dedup
+from .eval_sets import open_eval_set, read_eval_set
+from .filter import read_committed
+from .manifest import Manifest, fingerprint, read_manifest
+from .schema import REJECTED_SCHEMA
+from .stage import OutputConfig, PartResult, PartStore, RayConfig, finish_stage, init_ray
+from .storage import S3Options, Storage
+
+STAGE = "dedup"
+KEY_COLUMNS = ["key", "url", "sha256", "phash", "caption", "width", "height", "original_width", "original_height"]
+
+
+@dataclass
+class EvalSetRef:
+    # A name for reports, and the set: imagefolder:DIR or parquet:PATH (image column "image").
+    name: str = ""
+    dataset: str = ""
+
+
+@dataclass
+class DedupStageConfig:
+    # The committed output of the filter stage, local or s3://.
+    input: str = ""
+    input_s3: S3Options = field(default_factory=S3Options)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    # Eval sets to decontaminate against; their images never enter training.
+    eval_sets: list[EvalSetRef] = field(default_factory=list)
+    ray: RayConfig = field(default_factory=RayConfig)
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.input:
+            raise ValueError("dedup.input is empty: give the filter stage's output directory")
+        for ref in self.eval_sets:
+            if not ref.name or not ref.dataset:
+                raise ValueError(f"dedup.eval_sets entries need a name and a dataset, got {ref}")
+
+
+def _eval_phashes(cfg: DedupStageConfig) -> dict[str, list[int]]:
+    """phash of every eval image, computed by Ray Data tasks; only the 8-byte hashes reach the driver."""
+    out = {}
+    for ref in cfg.eval_sets:
+        es = open_eval_set(ref.dataset, cfg.input_s3, name=ref.name, classnames=[])
+        ds = read_eval_set(es).map_batches(_phash_batch, batch_format="numpy")
+        out[ref.name] = [int(r["phash"]) for r in ds.take_all()]
+    return out
+
+
+def _phash_batch(batch: dict[str, Any]) -> dict[str, list[int]]:
+    import io
+
+    from PIL import Image
+
+    from .near_dup import phash_int64
+
+    return {"phash": [phash_int64(Image.open(io.BytesIO(b)).convert("RGB")) for b in batch["image"]]}
+
+
+class WriteDrops:
+    """Routes the plan's drops to one small Parquet file per input file, under the stage's _work/."""
+
+    def __init__(self, out: Storage, fp: str) -> None:
+        self.out = out
+        self.fp = fp
+
+    def __call__(self, group: pa.Table) -> pa.Table:
+        idx = int(group.column("file_idx")[0].as_py())
+        self.out.write_parquet(group.select(["key", "reason", "detail"]), f"_work/{self.fp[:8]}/drops-{idx:05d}.parquet")
+        return pa.table({"file_idx": [idx], "drops": [group.num_rows]})
+
+
+class ApplyDrops:
+    def __init__(self, inp: Storage, store: PartStore, fp: str, with_drops: set[int]) -> None:
+        self.inp = inp
+        self.store = store
+        self.fp = fp
+        self.with_drops = with_drops
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        out = []
+        for idx, path in zip(batch["file_idx"], batch["path"]):
+            name = os.path.splitext(os.path.basename(path))[0]
+            result = self.store.done(name) or self._apply(name, int(idx), path)
+            out.append(json.dumps({**result.to_json(), "skipped": result.skipped}))
+        return {"result": out}
+
+    def _apply(self, name: str, idx: int, path: str) -> PartResult:
+        table = self.inp.read_parquet(path)
+        if idx in self.with_drops:
+            drops = self.store.storage.read_parquet(f"_work/{self.fp[:8]}/drops-{idx:05d}.parquet")
+        else:
+            drops = pa.table({"key": pa.array([], pa.string()), "reason": pa.array([], pa.string()),
+                              "detail": pa.array([], pa.string())})
+        dropped_mask = pc.is_in(table.column("key"), value_set=drops.column("key"))
+        kept = table.filter(pc.invert(dropped_mask))
+        gone = table.filter(dropped_mask).select(["key", "url"])
+        info = {k: (r, d) for k, r, d in zip(drops.column("key").to_pylist(), drops.column("reason").to_pylist(),
+                                              drops.column("detail").to_pylist())}
+        keys = gone.column("key").to_pylist()
+        rejected = pa.table({
+            "key": gone.column("key"), "url": gone.column("url"),
+            "stage": pa.array([STAGE] * len(keys), pa.string()),
+            "reason": pa.array([info[k][0] for k in keys], pa.string()),
+            "detail": pa.array([info[k][1] for k in keys], pa.string()),
+        }, schema=REJECTED_SCHEMA)
+        return self.store.commit(name, kept, rejected, table.num_rows)
+
+
+def run(cfg: DedupStageConfig) -> Manifest:
+    started = time.time()
+    inp, in_manifest = read_committed(cfg.input, cfg.input_s3, "filter")
+    out = Storage.from_uri(cfg.output.path, cfg.output.s3)
+    eval_sizes = []
+    for ref in cfg.eval_sets:
+        es = open_eval_set(ref.dataset, cfg.input_s3, name=ref.name, classnames=[])
+        eval_sizes.append({"name": ref.name, "files": len(es.files),
+                           "bytes": sum(es.storage.size(f) for f in es.files)})
+    conf = {"dedup": to_dict(cfg.dedup), "eval_sets": eval_sizes}
+    fp = fingerprint(STAGE, conf, [in_manifest])
+    existing = read_manifest(out, "")
+    if existing is not None and existing.fingerprint == fp:
+        print(f"dedup: {out.uri()} already committed with this config and input; nothing to do", flush=True)
+        return existing
+    init_ray(cfg.ray)
+    import ray
+    import ray.data
+
+    files = in_manifest.file_paths()
+    if not files:
+        raise ValueError(f"dedup input {cfg.input} lists no data files")
+    timings = {}
+    t0 = time.time()
+    eval_index = build_eval_index(_eval_phashes(cfg)) if cfg.eval_sets else None
+    timings["eval_index_s"] = round(time.time() - t0, 3)
+    index_of = {inp.fs_path(f): i for i, f in enumerate(files)}
+
+    def add_file_idx(batch: pa.Table) -> pa.Table:
+        idx = [index_of[p] for p in batch.column("path").to_pylist()]
+        return batch.drop_columns(["path"]).append_column("file_idx", pa.array(idx, pa.int64()))
+
+    t0 = time.time()
+    keys = (ray.data.read_parquet(**inp.ray_read_args(files), columns=KEY_COLUMNS, include_paths=True)
+            .map_batches(add_file_idx, batch_format="pyarrow"))
+    drops = plan_dedup(keys, cfg.dedup, eval_index).materialize()
+    timings["plan_s"] = round(time.time() - t0, 3)
+    report = overlap_report(drops, eval_index) if cfg.eval_sets else {}
+    written = drops.groupby("file_idx").map_groups(WriteDrops, batch_format="pyarrow",
+                                                    fn_constructor_kwargs={"out": out, "fp": fp},
+                                                    concurrency=1).take_all()
+    with_drops = {int(r["file_idx"]) for r in written}
+    store = PartStore(out, STAGE, fp, cfg.output.row_group_size)
+    workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    items = [{"file_idx": i, "path": f} for i, f in enumerate(files)]
+    results = (ray.data.from_items(items, override_num_blocks=len(items))
+               .map_batches(ApplyDrops, batch_size=1, concurrency=min(workers, len(items)), num_cpus=1,
+                            fn_constructor_kwargs={"inp": inp, "store": store, "fp": fp, "with_drops": with_drops})
+               .take_all())
+    parts = [PartResult(**json.loads(r["result"])) for r in results]
+    schema = inp.read_parquet(files[0]).schema
+    if report:
+        print("dedup: eval-set overlap (paper section 5)")
+        for name, r in report.items():
+            print(f"  {name}: {r}")
+    manifest = finish_stage(out, STAGE, fp, parts, schema, to_dict(cfg), started, [cfg.input],
+                            extra={"eval_overlap": report}, timings=timings)
+    out.delete_prefix(f"_work/{fp[:8]}")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(parse_cli(DedupStageConfig, argv, prog="python -m pipelines.dedup"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

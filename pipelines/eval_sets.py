@@ -1,0 +1,107 @@
+"""Evaluation image sets as Ray Datasets: `imagefolder:DIR` (one subfolder per class) or
+`parquet:PATH` (image bytes + integer label columns), local or s3://.
+
+Rows: `image` (encoded bytes), `label` (int, index into `classnames`), `id` (path or row id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from .storage import S3Options, Storage
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass
+class EvalSet:
+    name: str
+    kind: str  # "imagefolder" | "parquet"
+    storage: Storage
+    files: list[str]  # relative to storage
+    classnames: list[str]
+    labels: list[int] | None = None  # imagefolder: label per file
+
+    @property
+    def size(self) -> int:
+        return len(self.files) if self.kind == "imagefolder" else -1
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    kind, sep, path = spec.partition(":")
+    if not sep or kind not in ("imagefolder", "parquet") or not path:
+        raise ValueError(f"eval dataset {spec!r} must look like imagefolder:DIR or parquet:PATH")
+    return kind, path
+
+
+def open_eval_set(spec: str, s3: S3Options | None = None, name: str | None = None,
+                  classnames: list[str] | None = None, image_col: str = "image", label_col: str = "label") -> EvalSet:
+    kind, path = parse_spec(spec)
+    st = Storage.from_uri(path, s3)
+    name = name or os.path.basename(path.rstrip("/")) or path
+    if kind == "imagefolder":
+        files = [f for f in st.list("") if f.lower().endswith(IMAGE_EXTS) and "/" in f]
+        if not files:
+            raise FileNotFoundError(f"eval set {spec}: no images in class subfolders (DIR/<class>/<image>)")
+        folders = sorted({f.split("/")[0] for f in files})
+        names = classnames or [d.replace("_", " ") for d in folders]
+        if len(names) != len(folders):
+            raise ValueError(f"eval set {spec}: {len(folders)} class folders but {len(names)} class names")
+        index = {d: i for i, d in enumerate(folders)}
+        return EvalSet(name, kind, st, files, names, [index[f.split("/")[0]] for f in files])
+    single = _single_parquet_file(path, s3)
+    if single is not None:  # parquet:DIR/x.parquet; listing a file as a directory fails
+        st, files = single
+    else:
+        files = [f for f in st.list("") if f.endswith(".parquet")]
+    if not files:
+        raise FileNotFoundError(f"eval set {spec}: no .parquet files")
+    if classnames is None:
+        raise ValueError(f"eval set {spec}: a Parquet eval set needs a class-name list (--classnames FILE)")
+    return EvalSet(name, kind, st, files, classnames)
+
+
+def _single_parquet_file(path: str, s3: S3Options | None) -> tuple[Storage, list[str]] | None:
+    """(storage of the parent, [file name]) when `path` names one .parquet file, else None."""
+    import pyarrow.fs as pafs
+
+    if not path.rstrip("/").endswith(".parquet"):
+        return None
+    parent, _, base = path.rstrip("/").rpartition("/")
+    st = Storage.from_uri(parent or ".", s3)
+    return (st, [base]) if st.fs.get_file_info(st.fs_path(base)).type == pafs.FileType.File else None
+
+
+def read_eval_set(es: EvalSet, image_col: str = "image", label_col: str = "label"):
+    """A Ray Dataset with image, label, id; reading is spread over the cluster."""
+    import ray.data
+
+    if es.kind == "imagefolder":
+        ds = ray.data.read_binary_files([es.storage.fs_path(f) for f in es.files], filesystem=es.storage.fs,
+                                        include_paths=True)
+        label_of = {es.storage.fs_path(f): lab for f, lab in zip(es.files, es.labels)}
+
+        def add_labels(batch: pa.Table) -> pa.Table:
+            paths = batch.column("path").to_pylist()
+            return pa.table({"image": batch.column("bytes"), "label": pa.array([label_of[p] for p in paths], pa.int64()),
+                             "id": pa.array(paths, pa.string())})
+
+        return ds.map_batches(add_labels, batch_format="pyarrow")
+    paths = [es.storage.fs_path(f) for f in es.files]
+    ds = ray.data.read_parquet(paths, filesystem=es.storage.fs, columns=[image_col, label_col])
+    n_classes = len(es.classnames)
+
+    def normalise(batch: pa.Table) -> pa.Table:
+        labels = batch.column(label_col).to_pylist()
+        bad = [x for x in labels if x is None or not 0 <= int(x) < n_classes]
+        if bad:
+            raise ValueError(f"eval set {es.name}: labels {bad[:5]} outside [0, {n_classes}) of the class-name list")
+        return pa.table({"image": batch.column(image_col), "label": pa.array(labels, pa.int64()),
+                         "id": pa.array([f"{es.name}:" + hashlib.sha1(b).hexdigest()[:16]
+                                         for b in batch.column(image_col).to_pylist()], pa.string())})
+
+    return ds.map_batches(normalise, batch_format="pyarrow")

@@ -1,0 +1,127 @@
+"""The dedup stage end to end: planted duplicates and eval images, kill and rerun."""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from pipelines.config import load_config
+from pipelines.dedup import DedupStageConfig, run
+from pipelines.storage import Storage
+from pipelines.synthetic import digit_samples, encode, shape_samples
+
+from .stage_data import commit_rows, sample_row
+
+
+def _bits(a: int, b: int) -> int:
+    return bin((a ^ b) & (2 ** 64 - 1)).count("1")
+
+
+def _near(image: bytes) -> bytes:
+    img = Image.open(io.BytesIO(image)).convert("RGB")
+    # Smaller than the original: dedup keeps the largest original, so the original must survive.
+    return encode(img.resize((56, 56), Image.BICUBIC), "JPEG", quality=75)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """120 distinct images + 10 exact copies + 10 near copies + 8 copies of eval images."""
+    root = tmp_path_factory.mktemp("dedup")
+    # Distinct means distinct: simple synthetic shapes of one colour on one background can be within
+    # a few phash bits of each other (they are near-duplicates), so keep only originals > 12 bits apart.
+    candidates = shape_samples(200, seed=21) + digit_samples("train", limit=60)
+    originals, rows, kept_hashes = [], [], []
+    for s in candidates:
+        row = sample_row(s.image, s.caption, f"http://x.test/{len(originals)}.jpg")
+        if all(_bits(row["phash"], h) > 12 for h in kept_hashes):
+            originals.append(s)
+            rows.append(row)
+            kept_hashes.append(row["phash"])
+        if len(originals) == 120:
+            break
+    assert len(originals) == 120
+    for i in range(10):
+        rows.append(sample_row(originals[i].image, f"copy {i} of an image", f"http://mirror.test/{i}.jpg"))
+    for i in range(10, 20):
+        rows.append(sample_row(_near(originals[i].image), f"resized copy {i}", f"http://other.test/{i}.jpg"))
+    eval_images = [s for s in digit_samples("test") if all(
+        _bits(sample_row(s.image, s.caption, "u")["phash"], h) > 12 for h in kept_hashes)][:12]
+    for j, s in enumerate(eval_images):
+        d = root / "eval" / s.label
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{j}.png").write_bytes(s.image)
+    for j in range(8):
+        rows.append(sample_row(eval_images[j].image, f"leaked eval image {j}", f"http://leak.test/{j}.jpg"))
+    src = str(root / "filter")
+    commit_rows(src, rows, rows_per_part=12, stage="filter")
+    return root, src, rows
+
+
+def dedup_args(src: str, out: str, eval_dir: str) -> list[str]:
+    return [f"input={src}", f"output.path={out}", "ray.num_cpus=4",
+            f"eval_sets=[{{name: digits, dataset: 'imagefolder:{eval_dir}'}}]"]
+
+
+def test_dedup_finds_planted_duplicates_and_eval_images(planted) -> None:
+    root, src, rows = planted
+    out = str(root / "out")
+    m = run(load_config(DedupStageConfig, None, dedup_args(src, out, str(root / "eval"))))
+    assert m.rows_in == len(rows) == 148
+    assert m.rejected.get("exact_dup_image", 0) == 10
+    assert 9 <= m.rejected.get("near_dup_image", 0) <= 10  # recall on resized copies, no extra merges
+    assert m.rejected.get("eval_overlap", 0) == 8
+    assert m.rows_out == m.rows_in - sum(m.rejected.values())
+    kept = Storage.from_uri(out).read_parquet(m.file_paths())
+    kept_urls = set(kept.column("url").to_pylist())
+    # Each planted group keeps exactly one member (no false merges between groups, nothing lost).
+    for i in range(120):
+        group = {f"http://x.test/{i}.jpg"}
+        if i < 10:
+            group.add(f"http://mirror.test/{i}.jpg")
+        elif i < 20:
+            group.add(f"http://other.test/{i}.jpg")
+        assert len(group & kept_urls) == 1, (i, group & kept_urls)
+    # Near copies are smaller than their originals; dedup keeps the largest, so the original.
+    assert all(f"http://x.test/{i}.jpg" in kept_urls for i in range(10, 20))
+    assert not any(u.startswith("http://leak.test/") for u in kept_urls)
+    assert m.extra["eval_overlap"]["digits"]["train_rows_dropped"] == 8
+    assert m.extra["eval_overlap"]["digits"]["eval_images_hit"] == 8
+    rejected = Storage.from_uri(out).read_parquet([f["path"] for f in m.extra["rejected_files"]]).to_pylist()
+    exact = [r for r in rejected if r["reason"] == "exact_dup_image"]
+    by_key = {r["key"]: r for r in rows}
+    assert len(exact) == 10
+    for r in exact:  # detail names the kept row of the same group
+        kept_row = by_key[r["detail"]]
+        assert kept_row["url"] in kept_urls and kept_row["sha256"] == by_key[r["key"]]["sha256"]
+
+
+def test_dedup_killed_midway_reruns_to_the_same_keys(planted) -> None:
+    import ray
+
+    root, src, rows = planted
+    clean = str(root / "clean")
+    m_clean = run(load_config(DedupStageConfig, None, dedup_args(src, clean, str(root / "eval"))))
+    killed = str(root / "killed")
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.dedup", *dedup_args(src, killed, str(root / "eval")),
+                             "workers=1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    parts = os.path.join(killed, "_parts")
+    deadline = time.time() + 300
+    while time.time() < deadline and not (os.path.isdir(parts) and len(os.listdir(parts)) >= 2):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert os.path.isdir(parts) and len(os.listdir(parts)) < len(m_clean.files) + 1, "not killed midway"
+    assert not os.path.exists(os.path.join(killed, "_manifest.json"))
+    m = run(load_config(DedupStageConfig, None, dedup_args(src, killed, str(root / "eval"))))
+    keys = Storage.from_uri(killed).read_parquet(m.file_paths()).column("key").to_pylist()
+    clean_keys = Storage.from_uri(clean).read_parquet(m_clean.file_paths()).column("key").to_pylist()
+    assert len(keys) == len(set(keys))
+    assert sorted(keys) == sorted(clean_keys)
+    assert m.rejected == m_clean.rejected

@@ -1,0 +1,279 @@
+"""Dedup core on a local Ray cluster: components vs networkx, dedup of real generated images, decontamination."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import networkx as nx
+import numpy as np
+import pandas.testing
+import pyarrow as pa
+import pytest
+import ray
+from PIL import Image, ImageDraw
+
+from pipelines.components import connected_components
+from pipelines.dedup_core import DedupConfig, build_eval_index, overlap_report, plan_dedup
+from pipelines.near_dup import caption_shingles, phash_int64
+from pipelines.schema import sample_key
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[None]:
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.shuffle_strategy, ctx.enable_progress_bars
+    ctx.shuffle_strategy, ctx.enable_progress_bars = "sort_shuffle_pull_based", False
+    yield
+    ctx.shuffle_strategy, ctx.enable_progress_bars = saved
+    if started:
+        ray.shutdown()
+
+
+def test_config_validation_names_the_field() -> None:
+    for bad, field in (({"hamming_threshold": -1}, "hamming_threshold"), ({"lsh_bits": 0}, "lsh_bits"),
+                       ({"caption_jaccard": 1.5}, "caption_jaccard"), ({"lsh_bits": 60}, "lsh_bits"),
+                       ({"shuffle_strategy": "magic"}, "shuffle_strategy"), ({"max_bucket": 1}, "max_bucket")):
+        with pytest.raises(ValueError, match=field):
+            DedupConfig(**bad)
+    with pytest.raises(ValueError, match="item 1"):
+        build_eval_index({"x": [5, b"not an image"]})
+
+
+# ---------------------------------------------------------------- connected components
+
+def _reference_labels(edges: list[tuple[int, int]]) -> dict[int, int]:
+    g = nx.Graph()
+    g.add_edges_from((a, b) for a, b in edges if a != b)
+    return {n: min(c) for c in nx.connected_components(g) for n in c if n != min(c)}
+
+
+def test_connected_components_match_networkx(ray_cluster: None) -> None:
+    rng = np.random.default_rng(0)
+    ids = rng.permutation(1_000_000)[:4000].astype(np.int64) * 7919 - 3_000_000  # scrambled, some negative
+    edges: list[tuple[int, int]] = []
+    nxt = 0
+
+    def take(n: int) -> list[int]:
+        nonlocal nxt
+        nxt += n
+        return ids[nxt - n:nxt].tolist()
+    for length in (2, 3, 9, 33):  # chains, ids in random order along the chain
+        c = take(length)
+        edges += list(zip(c, c[1:]))
+    for size in (2, 9, 40):  # stars, centre not the minimum
+        c = take(size)
+        edges += [(c[3 % size], x) for x in c if x != c[3 % size]]
+    for size in (3, 12):  # cliques, with reversed duplicates
+        c = take(size)
+        edges += [(a, b) for a in c for b in c if a != b]
+    g = nx.gnm_random_graph(600, 450, seed=3)  # many small random components
+    c = take(600)
+    edges += [(c[a], c[b]) for a, b in g.edges()]
+    edges += [(x, x) for x in take(5)]  # self-loops only: singletons, no label
+    order = rng.permutation(len(edges))
+    table = pa.table({"src": [edges[i][0] for i in order], "dst": [edges[i][1] for i in order]})
+    result = connected_components(ray.data.from_arrow(table).repartition(2), partitions=8)
+    got = result.labels.to_pandas()
+    assert got["node"].is_unique
+    assert dict(zip(got["node"].tolist(), got["comp"].tolist())) == _reference_labels(edges)
+    assert 2 <= result.rounds <= 12
+
+
+# ---------------------------------------------------------------- real images
+
+def _original(i: int) -> Image.Image:
+    """Distinct images phash can tell apart: random shapes on a colour, or blocky noise texture."""
+    r = np.random.default_rng(1000 + i)
+    w, h = int(r.integers(160, 320)), int(r.integers(160, 320))
+    if i % 2 == 0:
+        im = Image.new("RGB", (w, h), tuple(int(x) for x in r.integers(0, 255, 3)))
+        draw = ImageDraw.Draw(im)
+        for _ in range(int(r.integers(3, 7))):
+            x0, y0 = int(r.integers(-w // 4, w)), int(r.integers(-h // 4, h))
+            box = (x0, y0, x0 + int(r.integers(w // 4, w)), y0 + int(r.integers(h // 4, h)))
+            fill = tuple(int(x) for x in r.integers(0, 255, 3))
+            (draw.ellipse if r.integers(0, 2) else draw.rectangle)(box, fill=fill)
+        return im
+    small = Image.fromarray(r.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+    noisy = np.asarray(small).astype(int) + r.integers(-30, 30, (h, w, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def _jpeg(im: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _crop(im: Image.Image, frac: float = 0.05) -> Image.Image:
+    dx, dy = int(im.width * frac), int(im.height * frac)
+    return im.crop((dx // 2, dy // 2, im.width - (dx - dx // 2), im.height - (dy - dy // 2)))
+
+
+@dataclass
+class Planted:
+    rows: list[dict]
+    group: dict[str, int]  # key -> original it derives from (eval images: -1 - eval index)
+    kind: dict[str, str]  # key -> original / exact_copy / same_url / reencode / resize / crop / eval / caption
+    eval_sets: dict[str, list]
+    eval_expect: dict[str, tuple[int, int]]  # set -> (train rows dropped, eval images hit)
+
+
+def _planted_rows(n_originals: int = 150) -> Planted:
+    rows, group, kind = [], {}, {}
+
+    def add(g: int, k: str, data: bytes, url: str, caption: str, ow: int, oh: int) -> None:
+        key = sample_key(url, caption)
+        with Image.open(io.BytesIO(data)) as im:
+            rows.append({"key": key, "url": url, "caption": caption, "sha256": hashlib.sha256(data).hexdigest(),
+                         "phash": phash_int64(im), "width": im.width, "height": im.height,
+                         "original_width": ow, "original_height": oh, "file_idx": len(rows) % 4})
+        group[key], kind[key] = g, k
+    words = np.array("alpha beta gamma delta river stone cloud tiger maple orbit lemon pixel quartz violet harbor".split())
+    for i in range(n_originals):
+        im = _original(i)
+        data = _jpeg(im)
+        cap = " ".join(np.random.default_rng(i).choice(words, 8))
+        add(i, "original", data, f"https://a.example/{i}.jpg", cap, im.width, im.height)
+        variant = i % 5
+        if variant == 0:
+            add(i, "exact_copy", data, f"https://mirror.example/{i}.jpg", cap + " copy", im.width, im.height)
+        elif variant == 1:
+            add(i, "same_url", _jpeg(im, 70), f"https://a.example/{i}.jpg", cap + " other text", im.width, im.height)
+        elif variant == 2:
+            add(i, "reencode", _jpeg(im, 50), f"https://b.example/{i}.jpg", cap, im.width, im.height)
+        elif variant == 3:
+            small = im.resize((im.width * 2 // 3, im.height * 2 // 3))
+            add(i, "resize", _jpeg(small), f"https://c.example/{i}.jpg", cap, small.width, small.height)
+        else:
+            cropped = _crop(im)
+            add(i, "crop", _jpeg(cropped), f"https://d.example/{i}.jpg", cap, cropped.width, cropped.height)
+    # Eval images: never originals; re-encoded copies of some of them planted in the training rows.
+    eval_images = [_original(10_000 + j) for j in range(24)]
+    eval_sets = {"evalA": [_jpeg(im) for im in eval_images[:14]],
+                 "evalB": [phash_int64(Image.open(io.BytesIO(_jpeg(im)))) for im in eval_images[10:]]}
+    for j in (0, 1, 2, 3, 11, 12, 20, 21):  # 11, 12 are in both sets; 20, 21 only in evalB
+        add(-1 - j, "eval", _jpeg(eval_images[j], 60), f"https://e.example/{j}.jpg", f"eval copy {j}",
+            eval_images[j].width, eval_images[j].height)
+    add(-1 - 0, "eval", _jpeg(eval_images[0], 40), "https://e.example/0-again.jpg", "eval copy again", 10, 10)
+    eval_expect = {"evalA": (7, 6), "evalB": (4, 4)}  # A: rows for 0,0,1,2,3,11,12; B: 11,12,20,21
+    return Planted(rows, group, kind, eval_sets, eval_expect)
+
+
+@pytest.fixture(scope="module")
+def planted() -> Planted:
+    return _planted_rows()
+
+
+def _dataset(rows: list[dict], blocks: int, seed: int) -> ray.data.Dataset:
+    order = np.random.default_rng(seed).permutation(len(rows))
+    return ray.data.from_arrow(pa.Table.from_pylist([rows[i] for i in order])).repartition(blocks)
+
+
+def test_dedup_real_images_recall_reasons_and_decontamination(ray_cluster: None, planted: Planted) -> None:
+    cfg = DedupConfig()
+    index = build_eval_index(planted.eval_sets)
+    dropped_ds = plan_dedup(_dataset(planted.rows, blocks=3, seed=1), cfg, index).materialize()
+    dropped = dropped_ds.to_pandas()
+    assert dropped["key"].is_unique
+    by_key = dropped.set_index("key")
+    keys = {r["key"] for r in planted.rows}
+    assert set(dropped["key"]) <= keys
+    file_idx = {r["key"]: r["file_idx"] for r in planted.rows}
+    assert all(file_idx[k] == f for k, f in zip(dropped["key"], dropped["file_idx"]))
+
+    # Decontamination: every planted eval copy goes, with its set name; nothing else does.
+    eval_keys = {k for k, v in planted.kind.items() if v == "eval"}
+    eval_dropped = dropped[dropped["reason"] == "eval_overlap"]
+    assert set(eval_dropped["key"]) == eval_keys
+    assert by_key.loc[[k for k in eval_keys if planted.group[k] in (-21, -22)], "detail"].tolist() == ["evalB"] * 2
+    report = overlap_report(dropped_ds, index)
+    for name, (rows_dropped, images_hit) in planted.eval_expect.items():
+        assert report[name]["train_rows_dropped"] == rows_dropped, report
+        assert report[name]["eval_images_hit"] == images_hit, report
+    assert report["evalA"]["eval_images"] == 14 and report["evalB"]["eval_images"] == 14
+
+    graph = dropped[dropped["reason"] != "eval_overlap"]
+    # Zero false merges: a dropped row's kept representative derives from the same original.
+    assert all(planted.group[k] == planted.group[d] for k, d in zip(graph["key"], graph["detail"]))
+    assert not set(graph["detail"]) & set(graph["key"])  # representatives are kept
+    # Recall: of each original's group, all but one row dropped.
+    dropped_keys = set(graph["key"])
+    pairs: dict[int, list[str]] = {}
+    for k, g in planted.group.items():
+        if g >= 0:
+            pairs.setdefault(g, []).append(k)
+    merged = [g for g, ks in pairs.items() if sum(k in dropped_keys for k in ks) == 1]
+    recall = len(merged) / len(pairs)
+    assert recall >= 0.95, recall
+    assert all(sum(k in dropped_keys for k in ks) <= 1 for ks in pairs.values())
+    reasons = {planted.kind[k]: set() for k in graph["key"]}
+    for k, reason in zip(graph["key"], graph["reason"]):
+        reasons[planted.kind[k]].add(reason)
+    assert reasons["exact_copy"] == {"exact_dup_image"}
+    assert reasons["same_url"] == {"exact_dup_url"}
+    for variant in ("reencode", "resize", "crop"):
+        assert reasons.get(variant, {"near_dup_image"}) == {"near_dup_image"}
+    # Representative: largest original area, ties -> smallest key.
+    rows = {r["key"]: r for r in planted.rows}
+    area = {k: r["original_width"] * r["original_height"] for k, r in rows.items()}
+    for k, d in zip(graph["key"], graph["detail"]):
+        assert area[d] > area[k] or (area[d] == area[k] and d < k)
+
+
+def test_dedup_is_deterministic_and_caption_minhash_adds_caption_drops(ray_cluster: None, planted: Planted) -> None:
+    # Caption-only near duplicates: unrelated images, captions equal up to case and punctuation.
+    extra = []
+    for j in range(6):
+        im = _original(20_000 + j)
+        data = _jpeg(im)
+        caption = ("A red lighthouse on a rocky island at dawn", "Bowl of ramen with a soft boiled egg",
+                   "Vintage typewriter keys in warm studio light")[j // 2]
+        caption = caption.upper() + "!!" if j % 2 else caption
+        url = f"https://f.example/{j}.jpg"
+        extra.append({"key": sample_key(url, caption), "url": url, "caption": caption,
+                      "sha256": f"{j:064x}", "phash": phash_int64(Image.open(io.BytesIO(data))),
+                      "width": im.width, "height": im.height, "original_width": im.width,
+                      "original_height": im.height, "file_idx": 9})
+    rows = planted.rows + extra
+    base = plan_dedup(_dataset(rows, blocks=2, seed=2), DedupConfig()).to_pandas()
+    again = plan_dedup(_dataset(rows, blocks=5, seed=3), DedupConfig(partitions=7)).to_pandas()
+    sort = lambda df: df.sort_values("key").reset_index(drop=True)[["key", "file_idx", "reason", "detail"]]  # noqa: E731
+    pandas.testing.assert_frame_equal(sort(base), sort(again))
+    assert not set(base["key"]) & {r["key"] for r in extra}  # images differ: kept without captions
+    assert overlap_report(ray.data.from_pandas(base)) == {}  # no eval index, no overlap: empty, no crash
+
+    with_captions = plan_dedup(_dataset(rows, blocks=4, seed=4), DedupConfig(caption_minhash=True)).to_pandas()
+    caption_drops = with_captions[with_captions["reason"] == "near_dup_caption"]
+    def loser(a: dict, b: dict) -> str:  # larger original area kept, ties -> smaller key kept
+        rank = lambda r: (-r["original_width"] * r["original_height"], r["key"])  # noqa: E731
+        return max(a, b, key=rank)["key"]
+    expected = {loser(extra[j], extra[j + 1]): ({extra[j]["key"], extra[j + 1]["key"]}) for j in (0, 2, 4)}
+    got = dict(zip(caption_drops["key"], caption_drops["detail"]))
+    assert all(k in got and got[k] in pair and got[k] != k for k, pair in expected.items())
+    # Any other caption drop (e.g. the "eval copy N" rows, or a crop the phash missed whose caption
+    # equals its original's) must really be a caption near-duplicate of its representative.
+    captions = {r["key"]: r["caption"] for r in rows}
+    for k, d in got.items():
+        a, b = caption_shingles(captions[k], 5), caption_shingles(captions[d], 5)
+        assert len(a & b) / len(a | b) >= 0.6, (captions[k], captions[d])
+    # The planted image duplicates keep their image reasons; caption edges only add.
+    image_part = with_captions[with_captions["reason"] != "near_dup_caption"]
+    assert set(image_part["key"]) >= set(base["key"])
+
+
+def test_plan_rejects_bad_input(ray_cluster: None, planted: Planted) -> None:
+    rows = [dict(r) for r in planted.rows[:6]]
+    with pytest.raises(ValueError, match="lacks columns.*file_idx"):
+        plan_dedup(ray.data.from_arrow(pa.Table.from_pylist(rows).drop_columns(["file_idx"])), DedupConfig())
+    rows[3] = dict(rows[2])  # a duplicated key (same url and caption)
+    with pytest.raises(ValueError, match="keys must be unique"):
+        plan_dedup(ray.data.from_arrow(pa.Table.from_pylist(rows)), DedupConfig()).materialize()
