@@ -1,0 +1,400 @@
+"""The per-worker training loop: DeepSpeed ZeRO over the process group Ray Train set up.
+
+Every worker computes its own rows of the global similarity matrix over embeddings gathered with
+gradient from all workers (clip_model.loss with world_size/rank), so DeepSpeed's gradient
+averaging yields exactly the gradient of the loss over the global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from clip_model import CLIP, build_loss, build_model
+from clip_model.model import LOGIT_SCALE_MAX
+from clip_model.optim import param_groups
+from pipelines import checkpointing as ckpt_io
+from pipelines.train import TrainConfig, run_dir
+from pipelines.train_data import load_tokenizer, steps_per_epoch
+
+
+class ContrastiveModel(nn.Module):
+    """CLIP plus its loss in one forward, so ZeRO-3 gathers every parameter the loss touches
+    (logit_bias is read outside CLIP.forward) inside the engine's forward hooks."""
+
+    def __init__(self, clip: CLIP, loss: nn.Module, accum_freq: int = 1) -> None:
+        super().__init__()
+        self.clip = clip
+        self.loss = loss
+        self.accum_freq = accum_freq
+        # DeepSpeed 0.19.8's initial broadcast views every parameter as bytes, which a 0-d tensor
+        # (logit_scale, logit_bias) cannot do: train them as shape [1], export in the original shape.
+        self.export_shapes = {n: tuple(p.shape) for n, p in clip.named_parameters()}
+        for p in clip.parameters():
+            if p.dim() == 0:
+                p.data = p.data.reshape(1)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, cached: tuple[list, list] | None = None,
+                index: int = 0, features_only: bool = False):
+        img, txt, scale = self.clip(images, tokens)  # B_micro, D each
+        if features_only:
+            return img, txt
+        bias = self.clip.logit_bias
+        if cached is not None:
+            # Feature caching: the other micro-batches enter as constants, so this backward only
+            # reaches micro-batch `index`; summed over all micro-batches it is the full gradient.
+            imgs, txts = list(cached[0]), list(cached[1])
+            imgs[index], txts[index] = img, txt
+            img, txt = torch.cat(imgs), torch.cat(txts)  # B_local, D
+            # logit_scale/bias are in every micro-batch's graph: count their gradient once in total.
+            scale = _one_share(scale, self.accum_freq)
+            bias = _one_share(bias, self.accum_freq) if bias is not None else None
+        return self.loss(img, txt, scale, bias), scale.detach()
+
+
+def _one_share(x: torch.Tensor, parts: int) -> torch.Tensor:
+    """Same value as x, 1/parts of its gradient."""
+    return x.detach() + (x - x.detach()) / parts
+
+
+def feature_cached_step(forward, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], backward) -> tuple[torch.Tensor, torch.Tensor]:
+    """OpenCLIP's accum-freq: all accumulated samples stay negatives of each other.
+
+    Pass 1 embeds every micro-batch without gradient; pass 2 recomputes each micro-batch with
+    gradient and the cached features of the others, and back-propagates the full-batch loss.
+    Returns (loss, logit scale) of the accumulated batch.
+    """
+    with torch.no_grad():
+        feats = [forward(i, t, features_only=True) for i, t in micro_batches]
+    cached = ([f[0] for f in feats], [f[1] for f in feats])
+    loss = scale = None
+    for j, (images, tokens) in enumerate(micro_batches):
+        loss, scale = forward(images, tokens, cached=cached, index=j)
+        backward(loss)
+    return loss.detach(), scale
+
+
+def ds_config(cfg: TrainConfig, per_worker: int, universal: bool) -> dict[str, Any]:
+    conf: dict[str, Any] = {
+        "train_batch_size": cfg.global_batch_size,
+        "train_micro_batch_size_per_gpu": per_worker // cfg.accum_freq,
+        "gradient_accumulation_steps": cfg.accum_freq,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.resolved_precision() == "bf16"},
+        "checkpoint": {"load_universal": universal},
+        # torch's AdamW is the client optimizer: ZeRO wraps it, no fused-op build needed on CPU.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    if cfg.optim.grad_clip > 0:
+        conf["gradient_clipping"] = cfg.optim.grad_clip
+    return conf
+
+
+def build_engine(cfg: TrainConfig, per_worker: int, total_steps: int, universal: bool, world: int, rank: int):
+    import deepspeed
+
+    # Ray Train already initialised torch.distributed (gloo on CPU): DeepSpeed wraps that group.
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank and in the test's reference
+    clip = build_model(cfg.model_config())
+    model = ContrastiveModel(clip, build_loss(cfg.loss, world_size=world, rank=rank), cfg.accum_freq)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(o.warmup_steps, total_steps, o.min_lr_ratio))
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg, per_worker, universal))
+    return engine, scheduler
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float):
+    """LR multiplier for optimizer step index i (0-based): linear warmup reaching 1 at step
+    `warmup`, then cosine to min_ratio at `total`. Unlike DeepSpeed's WarmupCosineLR (whose first
+    two steps run at lr 0 here) the very first step already learns."""
+
+    def factor(i: int) -> float:
+        if i < warmup:
+            return (i + 1) / warmup
+        progress = min(1.0, (i - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+# -- full (unpartitioned) state, for export and the elastic tests --------------------------------
+def full_fp32_state(engine) -> dict[str, torch.Tensor]:
+    """The fp32 master weights in OpenAI's key layout. A collective: every rank must call it."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, p in engine.module.clip.named_parameters():
+        full = safe_get_full_fp32_param(p)
+        shape = engine.module.export_shapes[name]
+        out[name] = (full if full is not None else p).detach().float().cpu().clone().reshape(shape)
+    for name, b in engine.module.clip.named_buffers():
+        out[name] = b.detach().cpu().clone()
+    return out
+
+
+def full_optimizer_state(engine, key: str) -> dict[str, torch.Tensor]:
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    zero12 = engine.optimizer
+    if hasattr(zero12, "_lazy_init_hp_params_optimizer_state"):
+        # DeepSpeed 0.19.8 (ZeRO-1/2) links the Adam state fragments after the FIRST param group's
+        # first step, before the second group has any state: relink now that every group has it.
+        zero12._hp_optimizer_states_linked = False
+        zero12._lazy_init_hp_params_optimizer_state()
+    out = {}
+    for name, p in engine.module.clip.named_parameters():
+        t = safe_get_full_optimizer_state(p, key)
+        if t is not None:
+            out[name] = t.detach().float().cpu().clone().reshape(engine.module.export_shapes[name])
+    return out
+
+
+def clamp_logit_scale(engine) -> None:
+    """The paper's clip at 100, applied to the fp32 master copy (which ZeRO owns and copies into
+    the module after each step); CLIP.logit_scale_value also clamps the value used in between."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    p = engine.module.clip.logit_scale
+    value = safe_get_full_fp32_param(p)
+    if value is not None and float(value.reshape(-1)[0]) > LOGIT_SCALE_MAX:
+        safe_set_full_fp32_param(p, torch.full_like(value, LOGIT_SCALE_MAX))
+
+
+def dump_state(engine, cfg: TrainConfig, name: str, rank: int) -> None:
+    if not cfg.debug_dump_dir:
+        return
+    state = {"params": full_fp32_state(engine), "exp_avg": full_optimizer_state(engine, "exp_avg"),
+             "exp_avg_sq": full_optimizer_state(engine, "exp_avg_sq"),
+             "lr": [g["lr"] for g in engine.optimizer.param_groups], "global_steps": engine.global_steps}
+    if rank == 0:
+        os.makedirs(cfg.debug_dump_dir, exist_ok=True)
+        torch.save(state, os.path.join(cfg.debug_dump_dir, f"{name}.pt"))
+
+
+# -- the loop -----------------------------------------------------------------------------------
+class Progress:
+    """Per-step metrics, progress lines and TensorBoard events (rank 0 writes; all ranks measure)."""
+
+    def __init__(self, cfg: TrainConfig, rank: int, total_steps: int, spe: int, tb_dir: str | None) -> None:
+        self.cfg, self.rank, self.total, self.spe = cfg, rank, total_steps, spe
+        self.start = time.time()
+        self.steps_timed = 0
+        self.writer = None
+        if rank == 0 and tb_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=tb_dir)
+
+    def step(self, step: int, record: dict[str, float]) -> None:
+        self.steps_timed += 1
+        if self.rank != 0:
+            return
+        for k, v in record.items():
+            if k != "step" and self.writer is not None:
+                self.writer.add_scalar(f"train/{k}", v, step)
+        if step % self.cfg.log_every == 0 or step == self.total:
+            elapsed = time.time() - self.start
+            eta = elapsed / self.steps_timed * (self.total - step)
+            epoch = (step - 1) // self.spe + 1
+            print(f"[train] step {step}/{self.total} epoch {epoch}/{math.ceil(self.total / self.spe)} "
+                  f"loss {record['loss']:.4f} logit_scale {record['logit_scale']:.2f} lr {record['lr']:.2e} "
+                  f"{record['samples_per_s']:.1f} samples/s data_wait {record['data_wait_ms']:.1f} ms "
+                  f"ETA {eta:.0f} s", flush=True)
+        if step % self.spe == 0:
+            print(f"[train] epoch {step // self.spe} finished at step {step} ({time.time() - self.start:.1f} s)", flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _mean_over_workers(x: torch.Tensor, world: int) -> float:
+    x = x.detach().clone().float()
+    if world > 1:
+        dist.all_reduce(x)
+        x /= world
+    return float(x)
+
+
+def _maybe_fail(cfg: TrainConfig, step: int, rank: int) -> None:
+    if cfg.fail_at_step == step and rank == 1 and not os.path.exists(cfg.fail_marker):
+        with open(cfg.fail_marker, "w") as f:
+            f.write(str(step))
+        print(f"[train] rank 1 exiting hard at step {step} (fail_at_step test hook)", flush=True)
+        os._exit(1)
+
+
+def _batches(shard, per_worker: int, cfg: TrainConfig, epoch: int, skip: int):
+    """This worker's batches of one epoch, the first `skip` (already trained on) consumed unseen."""
+    import ray.train.torch
+
+    it = iter(shard.iter_torch_batches(
+        batch_size=per_worker, drop_last=True, device=ray.train.torch.get_device() if cfg.use_gpu else "cpu",
+        local_shuffle_buffer_size=cfg.data.local_shuffle_buffer or None,
+        local_shuffle_seed=(cfg.seed + epoch) if cfg.data.local_shuffle_buffer else None))
+    for _ in range(skip):
+        next(it)
+    return it
+
+
+def train_step(engine, cfg: TrainConfig, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if cfg.accum_freq == 1:
+        loss, scale = engine(images, tokens)
+        engine.backward(loss)
+        engine.step()
+        return loss.detach(), scale
+    micro = list(zip(images.chunk(cfg.accum_freq), tokens.chunk(cfg.accum_freq)))
+
+    def backward(loss: torch.Tensor) -> None:
+        # Each micro-batch's loss is the whole accumulated batch's loss: no 1/accum scaling.
+        engine.backward(loss, scale_wrt_gas=False)
+        engine.step()  # DeepSpeed updates only at the accumulation boundary
+
+    return feature_cached_step(engine, micro, backward)
+
+
+def _resume(engine_args: dict[str, Any], cfg: TrainConfig, world: int, rank: int):
+    """Build the engine, loading the newest complete checkpoint if there is one."""
+    ckpt = ckpt_io.resume_checkpoint()
+    if ckpt is None:
+        engine, _ = build_engine(cfg, universal=False, world=world, rank=rank, **engine_args)
+        return engine, ckpt_io.TrainState(world_size=world, zero_stage=cfg.zero_stage,
+                                          global_batch_size=cfg.global_batch_size)
+    with ckpt.as_directory() as directory:
+        state = ckpt_io.read_state(directory)
+        if state.global_batch_size != cfg.global_batch_size:
+            raise ValueError(f"checkpoint {ckpt.path} was trained at global_batch_size {state.global_batch_size}, "
+                             f"config says {cfg.global_batch_size}: the global batch is kept across resumes")
+        # A plain ZeRO checkpoint only loads into the same world size and stage (the latter is untested).
+        universal = state.world_size != world or state.zero_stage != cfg.zero_stage
+        engine, _ = build_engine(cfg, universal=universal, world=world, rank=rank, **engine_args)
+        with ckpt_io.load_dir(directory, universal) as (load_dir, tag):
+            path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {ckpt.path} (tag {tag})")
+        if not universal:
+            ckpt_io.restore_rng(directory, rank)
+    if rank == 0:
+        print(f"[train] resumed from {ckpt.path} at step {state.step} (saved by {state.world_size} workers, "
+              f"now {world}{', universal checkpoint' if universal else ''})", flush=True)
+    state.resumes.append({"step": state.step, "from_world_size": state.world_size, "world_size": world})
+    state.world_size, state.zero_stage = world, cfg.zero_stage
+    dump_state(engine, cfg, f"load_step{state.step}_ws{world}", rank)
+    return engine, state
+
+
+def _save(engine, cfg: TrainConfig, state: ckpt_io.TrainState, rank: int, metrics: dict[str, Any]) -> None:
+    directory = tempfile.mkdtemp(prefix=f"ckpt_rank{rank}_")
+    try:
+        ckpt_io.save_local(engine, state, directory, rank)
+        ckpt_io.report_and_commit(metrics, directory, state.step, rank)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    dump_state(engine, cfg, f"save_step{state.step}_ws{state.world_size}", rank)
+
+
+def _tb_dir(cfg: TrainConfig, rank: int) -> str | None:
+    if rank != 0:
+        return None
+    storage = run_dir(cfg)
+    if storage.uri("").startswith("s3://"):
+        return tempfile.mkdtemp(prefix="tb_")  # uploaded at the end
+    return storage.fs_path("tensorboard")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+
+    cfg: TrainConfig = config["cfg"]
+    ctx = ray.train.get_context()
+    world, rank = ctx.get_world_size(), ctx.get_world_rank()
+    per_worker = cfg.per_worker_batch(world)
+    spe = steps_per_epoch(config["rows"], world, per_worker)
+    total = cfg.max_steps or cfg.epochs * spe
+    engine, state = _resume({"per_worker": per_worker, "total_steps": total}, cfg, world, rank)
+    state.config = config.get("cfg_dict", {})
+    random.seed(cfg.seed + rank + state.step)
+    np.random.seed((cfg.seed + rank + state.step) % 2**32)
+    shard = ray.train.get_dataset_shard("train")
+    tb_dir = _tb_dir(cfg, rank)
+    progress = Progress(cfg, rank, total, spe, tb_dir)
+    state.history = [h for h in state.history if h["step"] <= state.step]
+    engine.train()
+    while state.step < total:
+        epoch, skip = divmod(state.step, spe)
+        batches = _batches(shard, per_worker, cfg, epoch, skip)
+        for _ in range(spe - skip):
+            if state.step >= total:
+                break
+            _maybe_fail(cfg, state.step + 1, rank)
+            t0 = time.perf_counter()
+            batch = next(batches)
+            t1 = time.perf_counter()
+            lr = float(engine.get_lr()[0])  # the rate this step's update uses
+            loss, scale = train_step(engine, cfg, batch["image"], batch["tokens"])
+            clamp_logit_scale(engine)
+            state.step += 1
+            state.samples_seen += cfg.global_batch_size
+            dt = time.perf_counter() - t0
+            record = {"step": state.step, "loss": _mean_over_workers(loss, world), "logit_scale": float(scale),
+                      "lr": lr, "samples_per_s": cfg.global_batch_size / dt,
+                      "data_wait_ms": 1000 * (t1 - t0), "step_s": dt}
+            state.history.append(record)
+            progress.step(state.step, record)
+            if state.step % cfg.checkpoint_every == 0 or state.step == total:
+                _save(engine, cfg, state, rank, {k: v for k, v in record.items()})
+    progress.close()
+    _finish(engine, cfg, state, rank, tb_dir)
+
+
+def _finish(engine, cfg: TrainConfig, state: ckpt_io.TrainState, rank: int, tb_dir: str | None) -> None:
+    """Export the fp32 weights in OpenAI's layout + tokenizer + config, and the run summary."""
+    from clip_model.export import save_export
+
+    weights = full_fp32_state(engine)  # collective
+    if rank != 0:
+        return
+    storage = run_dir(cfg)
+    local = tempfile.mkdtemp(prefix="export_")
+    try:
+        save_export(engine.module.clip, local, tokenizer=load_tokenizer(), state_dict=weights)
+        for name in sorted(os.listdir(local)):
+            with open(os.path.join(local, name), "rb") as f:
+                storage.write_bytes(f"export/{name}", f.read())
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    if tb_dir and storage.uri("").startswith("s3://"):
+        for root, _, files in os.walk(tb_dir):
+            for name in files:
+                with open(os.path.join(root, name), "rb") as f:
+                    storage.write_bytes(f"tensorboard/{os.path.relpath(os.path.join(root, name), tb_dir)}", f.read())
+    storage.write_bytes("metrics.jsonl", "".join(json.dumps(h) + "\n" for h in state.history).encode())
+    timed = [h for h in state.history[1:]] or state.history
+    summary = {
+        "steps": state.step, "samples_seen": state.samples_seen, "world_size": state.world_size,
+        "zero_stage": cfg.zero_stage, "global_batch_size": cfg.global_batch_size,
+        "first_loss": state.history[0]["loss"] if state.history else None,
+        "final_loss": state.history[-1]["loss"] if state.history else None,
+        # The first step includes DeepSpeed's and Ray Data's warm-up; leave it out of the rates.
+        "mean_samples_per_s": cfg.global_batch_size * len(timed) / sum(h["step_s"] for h in timed) if timed else None,
+        "mean_data_wait_ms": float(np.mean([h["data_wait_ms"] for h in timed])) if timed else None,
+        "resumes": state.resumes, "export": storage.uri("export"),
+    }
+    storage.write_bytes("summary.json", json.dumps(summary, indent=2).encode())
+    print(f"[train] done: {json.dumps(summary)}", flush=True)
