@@ -1,0 +1,550 @@
+"""Evaluate a CLIP checkpoint: zero-shot classification, linear probe, image-text retrieval, and the
+paper's data-overlap analysis (section 5).
+
+    python -m pipelines.evaluate --checkpoint PATH --dataset imagefolder:DIR|parquet:PATH \
+        [--classnames FILE] [--templates FILE|openai-imagenet|simple] \
+        [--task zeroshot|linear-probe|retrieval] [--train-manifest DIR] --output DIR
+
+Image embeddings come from Ray Data batch inference (`ImageEmbedder`, a pool of actors that each
+load the checkpoint once); only (id, label, embedding[, phash]) rows reach the driver. The text
+tower runs on the driver: class names x templates are few, captions are small.
+
+Tasks and their data:
+- zeroshot: the single template "a photo of a {}." and the chosen template set (ensemble) side by
+  side; top-level `top1`/`top5` are the chosen set's.
+- linear-probe: with `--probe-train DATASET` the probe trains on that set and tests on --dataset;
+  without it --dataset is split deterministically (rows ordered by id, stratified, seeded) into
+  train/test (`probe.test_fraction`), and a validation split of the train rows picks C
+  (see pipelines.linear_probe).
+- retrieval: `parquet:PATH` with an image column and a caption column (a string, or a list of
+  strings for COCO-style several captions per image); recall@1/5/10 both ways.
+- overlap (`--train-manifest DIR`, classification tasks): eval images within `overlap_hamming`
+  phash bits of any training row are Overlap, the rest Clean. The training phashes stream through
+  Ray Data tasks that match them against the small eval index (dedup's exact pigeonhole lookup);
+  only matched eval indices come back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from clip_model.export import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, load_export
+from clip_model.transforms import EvalTransform
+from clip_model.zeroshot import build_classifier, classification_metrics, load_templates, retrieval_metrics
+
+from .config import to_dict
+from .eval_sets import EvalSet, open_eval_set, read_eval_set
+from .linear_probe import ProbeConfig, linear_probe, split_indices
+from .manifest import Manifest, ManifestError, read_manifest
+from .stage import RayConfig, init_ray
+from .storage import S3Options, Storage, StorageError
+
+SINGLE_TEMPLATE = "a photo of a {}."
+TASKS = ("zeroshot", "linear-probe", "retrieval")
+RESULTS_FILE = "results.json"
+
+
+@dataclass
+class EvalConfig:
+    # Exported model directory (model.pt + config.json + tokenizer.json), or a bare OpenAI-layout
+    # state-dict file; local or s3://.
+    checkpoint: str
+    # imagefolder:DIR (one subfolder per class) or parquet:PATH (image bytes + label, or + caption).
+    dataset: str
+    # Local directory for results.json and the PNG plots.
+    output: str
+    task: str = "zeroshot"
+    # Class-name list (JSON list or one name per line); imagefolder default: folder names, "_" -> " ".
+    classnames: str | None = None
+    # Prompt templates for the ensemble: "openai-imagenet" (the paper's 80), "simple", or a file.
+    templates: str = "openai-imagenet"
+    # A committed stage output with a phash column (e.g. the shard stage): enables overlap analysis.
+    train_manifest: str | None = None
+    # Eval image counts as Overlap when a training phash is within this many bits (dedup's default).
+    overlap_hamming: int = 8
+    # linear-probe: a separate training set; None = split --dataset (probe.test_fraction).
+    probe_train: str | None = None
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    image_col: str = "image"
+    label_col: str = "label"
+    caption_col: str = "caption"
+    # Images per inference batch in each actor.
+    batch_size: int = 64
+    # Max embedding actors (1 CPU each); None = cluster CPUs - 1, so read/decode tasks keep a CPU.
+    workers: int | None = None
+    s3: S3Options = field(default_factory=S3Options)
+    ray: RayConfig = field(default_factory=RayConfig)
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("checkpoint", "dataset", "output"):
+            if not getattr(self, name):
+                raise ValueError(f"evaluate {name} must be given")
+        if self.task not in TASKS:
+            raise ValueError(f"evaluate task must be one of {list(TASKS)}, got {self.task!r}")
+        if not 0 <= self.overlap_hamming <= 32:
+            raise ValueError(f"evaluate overlap_hamming must be in [0, 32], got {self.overlap_hamming}")
+        if self.batch_size < 1:
+            raise ValueError(f"evaluate batch_size must be >= 1, got {self.batch_size}")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"evaluate workers must be >= 1, got {self.workers}")
+        if self.train_manifest and self.task == "retrieval":
+            raise ValueError("--train-manifest: the overlap analysis reports classification accuracy; "
+                             "use it with --task zeroshot or linear-probe")
+        if self.probe_train and self.task != "linear-probe":
+            raise ValueError(f"--probe-train only applies to --task linear-probe, not {self.task}")
+
+
+# ---------------------------------------------------------------- checkpoint and inputs
+
+def local_checkpoint(uri: str, s3: S3Options | None = None) -> str:
+    """A local path to load_export: s3:// checkpoints are downloaded to a fresh temp dir per process."""
+    if not uri.startswith("s3://"):
+        if not os.path.exists(uri):
+            raise FileNotFoundError(f"checkpoint {uri}: no such file or directory")
+        return uri
+    st = Storage.from_uri(uri, s3)
+    dest = tempfile.mkdtemp(prefix="clip-eval-ckpt-")
+    if st.exists(MODEL_FILE):
+        for name in (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE):
+            if st.exists(name):
+                with open(os.path.join(dest, name), "wb") as f:
+                    f.write(st.read_bytes(name))
+        return dest
+    parent, _, base = uri.rstrip("/").rpartition("/")
+    pst = Storage.from_uri(parent, s3)
+    if not base or not pst.exists(base):
+        raise FileNotFoundError(f"checkpoint {uri}: neither an export directory with {MODEL_FILE} nor a file")
+    with open(os.path.join(dest, base), "wb") as f:
+        f.write(pst.read_bytes(base))
+    return os.path.join(dest, base)
+
+
+def load_classnames(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"classnames file {path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    names = json.loads(text) if text.lstrip().startswith("[") else [ln.strip() for ln in text.splitlines()]
+    names = [n for n in names if isinstance(n, str) and n.strip()]
+    if not names:
+        raise ValueError(f"classnames file {path}: no class names (JSON list or one name per line)")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"classnames file {path}: duplicate class names {dup[:5]}")
+    return names
+
+
+# ---------------------------------------------------------------- Ray Data batch inference
+
+class ImageEmbedder:
+    """Ray Data callable class: loads the checkpoint once per actor, embeds the `image` column.
+
+    Every other column passes through; `embedding` is L2-normalised float32. With `with_phash`
+    it also adds the 64-bit phash (as dedup computes it) for the overlap analysis.
+    """
+
+    def __init__(self, checkpoint: str, s3: S3Options | None, with_phash: bool, threads: int = 1) -> None:
+        torch.set_num_threads(threads)  # actors share the node's cores; torch would take them all
+        self.model, _ = load_export(local_checkpoint(checkpoint, s3))
+        self.transform = EvalTransform(self.model.image_size)
+        self.with_phash = with_phash
+
+    def _decode(self, data: bytes, ident: str) -> torch.Tensor:
+        try:
+            return self.transform(data)
+        except (OSError, ValueError, SyntaxError) as err:
+            raise ValueError(f"eval image {ident}: not a decodable image ({err})") from err
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = torch.stack([self._decode(b, str(i)) for b, i in zip(batch["image"], batch["id"])])  # B, 3, S, S
+        feats = F.normalize(self.model.encode_image(images).float(), dim=-1)  # B, D
+        out = {k: v for k, v in batch.items() if k != "image"}
+        out["embedding"] = feats.numpy().astype(np.float32)
+        if self.with_phash:
+            from PIL import Image
+
+            from .near_dup import phash_int64
+
+            out["phash"] = np.array([phash_int64(Image.open(io.BytesIO(b)).convert("RGB")) for b in batch["image"]],
+                                    dtype=np.int64)
+        return out
+
+
+@dataclass
+class Embedded:
+    """Rows collected on the driver, ordered by id (Ray Data does not keep input order)."""
+
+    ids: list[str]
+    embeddings: np.ndarray  # N, D float32, unit norm
+    columns: dict[str, np.ndarray]  # label / caption / phash, aligned with ids
+
+
+def _workers(cfg: EvalConfig) -> int:
+    import ray
+
+    return cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
+
+
+def embed(ds: Any, cfg: EvalConfig, with_phash: bool) -> Embedded:
+    from ray.data import ActorPoolStrategy
+
+    out = ds.map_batches(ImageEmbedder, batch_size=cfg.batch_size, batch_format="numpy",
+                         compute=ActorPoolStrategy(min_size=1, max_size=_workers(cfg)), num_cpus=1,
+                         fn_constructor_kwargs={"checkpoint": cfg.checkpoint, "s3": cfg.s3, "with_phash": with_phash})
+    batches = list(out.iter_batches(batch_format="numpy", batch_size=None))
+    if not batches:
+        raise ValueError(f"eval set {cfg.dataset}: no images")
+    cols = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    order = np.argsort(cols["id"].astype(str), kind="stable")
+    cols = {k: v[order] for k, v in cols.items()}
+    return Embedded([str(i) for i in cols.pop("id")], cols.pop("embedding").astype(np.float32), cols)
+
+
+def _open_classification_set(spec: str, cfg: EvalConfig, classnames: list[str] | None) -> EvalSet:
+    es = open_eval_set(spec, cfg.s3, classnames=classnames, image_col=cfg.image_col, label_col=cfg.label_col)
+    if es.kind == "parquet":
+        _require_columns(es, [cfg.image_col, cfg.label_col], spec)
+    return es
+
+
+def _require_columns(es: EvalSet, cols: list[str], spec: str) -> None:
+    with es.storage.open_input(es.files[0]) as f:
+        have = pq.ParquetFile(f).schema_arrow.names
+    missing = [c for c in cols if c not in have]
+    if missing:
+        raise ValueError(f"eval set {spec}: missing column(s) {missing}; the file has {have}")
+
+
+# ---------------------------------------------------------------- tasks
+
+def _text_features(model: Any, tokenizer: Any, texts: list[str], batch: int = 256) -> torch.Tensor:
+    with torch.no_grad():
+        feats = [model.encode_text(tokenizer(texts[i:i + batch], context_length=model.context_length))
+                 for i in range(0, len(texts), batch)]
+    return F.normalize(torch.cat(feats).float(), dim=-1)
+
+
+def _labels(emb: Embedded, classnames: list[str], spec: str) -> torch.Tensor:
+    labels = torch.as_tensor(emb.columns["label"].astype(np.int64))
+    if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < len(classnames):
+        raise ValueError(f"eval set {spec}: labels span [{int(labels.min())}, {int(labels.max())}] but there are "
+                         f"{len(classnames)} class names")
+    return labels
+
+
+def _named(metrics: dict, classnames: list[str]) -> dict:
+    return {**metrics, "per_class": dict(zip(classnames, metrics["per_class"]))}
+
+
+def run_zeroshot(emb: Embedded, model: Any, tokenizer: Any, classnames: list[str], templates: list[str],
+                 spec: str) -> tuple[dict, torch.Tensor]:
+    """Results and the per-image correctness of the chosen (ensemble) templates."""
+    labels = _labels(emb, classnames, spec)
+    img = torch.from_numpy(emb.embeddings)
+
+    def tokenize(texts: list[str]) -> torch.Tensor:
+        return tokenizer(texts, context_length=model.context_length)
+
+    modes, correct = {}, None
+    for mode, temps in (("single", [SINGLE_TEMPLATE]), ("ensemble", templates)):
+        weights = build_classifier(model.encode_text, tokenize, classnames, temps)  # D, C
+        logits = img @ weights  # N, C; the logit scale changes no ranking
+        modes[mode] = {"templates": len(temps), **_named(classification_metrics(logits, labels, len(classnames)),
+                                                         classnames)}
+        correct = logits.argmax(dim=1) == labels
+    chosen = modes["ensemble"]
+    results = {"top1": chosen["top1"], "top5": chosen["top5"], "mean_per_class": chosen["mean_per_class"],
+               "per_class": chosen["per_class"], "confusion": chosen["confusion"],
+               "modes": modes}
+    return results, correct
+
+
+def run_linear_probe(emb: Embedded, train: Embedded | None, classnames: list[str], cfg: EvalConfig
+                     ) -> tuple[dict, torch.Tensor, np.ndarray]:
+    """Results, per-test-image correctness, and the indices (into emb) of the test rows."""
+    labels = _labels(emb, classnames, cfg.dataset).numpy()
+    if train is None:
+        train_idx, test_idx = split_indices(labels, cfg.probe.test_fraction, cfg.probe.seed, "train/test")
+        x_tr, y_tr = emb.embeddings[train_idx], labels[train_idx]
+        split = (f"--dataset split: rows ordered by id, stratified, seed {cfg.probe.seed}; "
+                 f"test {cfg.probe.test_fraction:.0%}, then validation {cfg.probe.val_fraction:.0%} of train")
+    else:
+        test_idx = np.arange(len(labels))
+        x_tr, y_tr = train.embeddings, _labels(train, classnames, cfg.probe_train).numpy()
+        split = (f"train on --probe-train {cfg.probe_train}, test on --dataset; validation "
+                 f"{cfg.probe.val_fraction:.0%} of train (stratified, seed {cfg.probe.seed})")
+    probe = linear_probe(x_tr, y_tr, emb.embeddings[test_idx], labels[test_idx], cfg.probe)
+    scores = torch.from_numpy(probe.pop("scores"))
+    y_test = torch.from_numpy(labels[test_idx])
+    if scores.shape[1] < len(classnames):  # classes absent from both train and test
+        scores = torch.cat([scores, torch.full((len(scores), len(classnames) - scores.shape[1]), -np.inf,
+                                               dtype=scores.dtype)], dim=1)
+    metrics = _named(classification_metrics(scores, y_test, len(classnames)), classnames)
+    return {**metrics, "probe": {**probe, "split": split}}, scores.argmax(dim=1) == y_test, test_idx
+
+
+def run_retrieval(cfg: EvalConfig, model: Any, tokenizer: Any) -> dict:
+    import ray.data
+
+    es = open_eval_set(cfg.dataset, cfg.s3, classnames=[])
+    if es.kind != "parquet":
+        raise ValueError(f"--task retrieval needs parquet:PATH with {cfg.image_col!r} and {cfg.caption_col!r} "
+                         f"columns, got {cfg.dataset}")
+    _require_columns(es, [cfg.image_col, cfg.caption_col], cfg.dataset)
+    image_col, caption_col, name = cfg.image_col, cfg.caption_col, es.name
+
+    def rows(batch: pa.Table) -> pa.Table:
+        images = batch.column(image_col)
+        caps = [[c] if isinstance(c, str) else list(c or []) for c in batch.column(caption_col).to_pylist()]
+        ids = [f"{name}:" + hashlib.sha1(b).hexdigest()[:16] for b in images.to_pylist()]
+        return pa.table({"image": images, "id": pa.array(ids, pa.string()),
+                         "caption": pa.array([json.dumps(c) for c in caps], pa.string())})
+
+    ds = ray.data.read_parquet(**es.storage.ray_read_args(es.files)).select_columns([image_col, caption_col])
+    emb = embed(ds.map_batches(rows, batch_format="pyarrow"), cfg, with_phash=False)
+    texts, owner = [], []
+    for i, caps in enumerate(emb.columns["caption"]):
+        for c in json.loads(caps):
+            texts.append(c), owner.append(i)
+    if not texts:
+        raise ValueError(f"eval set {cfg.dataset}: column {caption_col!r} holds no captions")
+    txt = _text_features(model, tokenizer, texts)
+    metrics = retrieval_metrics(torch.from_numpy(emb.embeddings), txt, owner)
+    return {**metrics, "n_images": len(emb.ids), "n_texts": len(texts)}
+
+
+# ---------------------------------------------------------------- data overlap (paper section 5)
+
+def open_train_manifest(uri: str, s3: S3Options) -> tuple[Storage, Manifest]:
+    st = Storage.from_uri(uri, s3)
+    manifest = read_manifest(st, "")
+    if manifest is None:
+        raise FileNotFoundError(f"--train-manifest {uri}: no _manifest.json (not a committed stage output)")
+    if manifest.schema and "phash" not in [f["name"] for f in manifest.schema]:
+        raise ValueError(f"--train-manifest {uri}: stage {manifest.stage} has no phash column")
+    return st, manifest
+
+
+def overlap_mask(train: tuple[Storage, Manifest], phashes: np.ndarray, radius: int) -> np.ndarray:
+    """True for eval images within `radius` bits of some training row's phash."""
+    import ray.data
+
+    from .dedup_core import build_eval_index
+
+    st, manifest = train
+    mask = np.zeros(len(phashes), dtype=bool)
+    if not manifest.files or not len(phashes):
+        return mask
+    index = build_eval_index({"eval": [int(h) for h in phashes]})
+    hits = (ray.data.read_parquet(**st.ray_read_args(manifest.file_paths())).select_columns(["phash"])
+            .map_batches(_drop_null_phash, batch_format="pyarrow")
+            .map_batches(_match, batch_format="pyarrow", fn_kwargs={"index": index, "radius": radius})
+            .map_batches(_hit_images, batch_format="pyarrow"))
+    for batch in hits.iter_batches(batch_format="numpy", batch_size=None):
+        mask[batch["image"]] = True
+    return mask
+
+
+def _match(batch: pa.Table, index: Any, radius: int) -> pa.Table:
+    """dedup's EvalMatcher as a plain task: Ray Data reuses warm workers for tasks, while an actor
+    pool starts fresh processes; rebuilding the pigeonhole tables of a small eval set per batch is
+    cheaper than that start-up."""
+    from .dedup_core import EvalMatcher
+
+    return EvalMatcher(index, radius)(batch)
+
+
+def _drop_null_phash(batch: pa.Table) -> pa.Table:
+    return batch.filter(batch.column("phash").is_valid())
+
+
+def _hit_images(batch: pa.Table) -> pa.Table:
+    """Distinct eval image indices hit in this batch (bounded by the eval set size per batch)."""
+    found = {int(label.rpartition("#")[2]) for labels in batch.column("eval_hits").to_pylist() for label in labels}
+    return pa.table({"image": pa.array(sorted(found), pa.int64())})
+
+
+def overlap_report(correct: torch.Tensor, overlap: np.ndarray, ids: list[str]) -> dict:
+    c = correct.numpy().astype(bool)
+
+    def acc(sel: np.ndarray) -> float | None:
+        return float(c[sel].mean()) if sel.any() else None
+
+    every = np.ones(len(c), dtype=bool)
+    all_, clean = acc(every), acc(~overlap)
+    return {"n": {"all": int(len(c)), "clean": int((~overlap).sum()), "overlap": int(overlap.sum())},
+            "top1": {"all": all_, "clean": clean, "overlap": acc(overlap),
+                     "all_minus_clean": None if clean is None else all_ - clean},
+            "overlap_ids": [ids[i] for i in np.flatnonzero(overlap)][:1000]}
+
+
+# ---------------------------------------------------------------- the job
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Run one task; writes OUTPUT/results.json (+ PNGs) and returns the same dict."""
+    started, timings = time.time(), {}
+    # Fail on bad input before any Ray work starts.
+    model, tokenizer = load_export(local_checkpoint(cfg.checkpoint, cfg.s3))
+    templates = load_templates(cfg.templates) if cfg.task == "zeroshot" else []
+    classnames = load_classnames(cfg.classnames) if cfg.classnames else None
+    train = open_train_manifest(cfg.train_manifest, cfg.s3) if cfg.train_manifest else None
+    init_ray(cfg.ray)
+    results: dict[str, Any] = {"task": cfg.task, "checkpoint": cfg.checkpoint, "dataset": cfg.dataset}
+    if cfg.task == "retrieval":
+        t0 = time.time()
+        results.update(run_retrieval(cfg, model, tokenizer))
+        timings["retrieval_s"] = round(time.time() - t0, 3)
+    else:
+        results.update(_classification(cfg, model, tokenizer, classnames, templates, train, timings))
+    results["config"] = to_dict(cfg)
+    results["timings"] = {**timings, "total_s": round(time.time() - started, 3)}
+    os.makedirs(cfg.output, exist_ok=True)
+    if cfg.plots and cfg.task != "retrieval":
+        results["plots"] = _plots(results, cfg.output)
+    with open(os.path.join(cfg.output, RESULTS_FILE), "w") as f:
+        json.dump(results, f, indent=2, allow_nan=False)
+    print(format_table(results), flush=True)
+    return results
+
+
+def _classification(cfg: EvalConfig, model: Any, tokenizer: Any, classnames: list[str] | None,
+                     templates: list[str], train_manifest: tuple[Storage, Manifest] | None,
+                     timings: dict[str, float]) -> dict:
+    es = _open_classification_set(cfg.dataset, cfg, classnames)
+    train_es = _open_classification_set(cfg.probe_train, cfg, classnames) if cfg.probe_train else None
+    if train_es is not None and train_es.classnames != es.classnames:
+        raise ValueError(f"--probe-train {cfg.probe_train} has classes {train_es.classnames[:5]}... but --dataset "
+                         f"{cfg.dataset} has {es.classnames[:5]}...: they must be the same list")
+    t0 = time.time()
+    emb = embed(read_eval_set(es, cfg.image_col, cfg.label_col), cfg, with_phash=bool(cfg.train_manifest))
+    train = embed(read_eval_set(train_es, cfg.image_col, cfg.label_col), cfg, False) if train_es else None
+    timings["embed_s"] = round(time.time() - t0, 3)
+    t0 = time.time()
+    out: dict[str, Any] = {"n": len(emb.ids), "classnames": es.classnames}
+    if cfg.task == "zeroshot":
+        res, correct = run_zeroshot(emb, model, tokenizer, es.classnames, templates, cfg.dataset)
+        test_idx = np.arange(len(emb.ids))
+        out["templates"] = cfg.templates
+    else:
+        res, correct, test_idx = run_linear_probe(emb, train, es.classnames, cfg)
+    out.update(res)
+    timings[f"{cfg.task}_s"] = round(time.time() - t0, 3)
+    if train_manifest is not None:
+        t0 = time.time()
+        mask = overlap_mask(train_manifest, emb.columns["phash"], cfg.overlap_hamming)
+        out["overlap"] = overlap_report(correct, mask[test_idx], [emb.ids[i] for i in test_idx])
+        out["overlap"]["hamming"] = cfg.overlap_hamming
+        timings["overlap_s"] = round(time.time() - t0, 3)
+    return out
+
+
+def _plots(results: dict, output: str) -> list[str]:
+    from .eval_plots import confusion_png, per_class_png
+
+    names = results["classnames"]
+    title = f"{results['task']} on {os.path.basename(results['dataset'].rstrip('/'))}"
+    per_class = ({m: list(r["per_class"].values()) for m, r in results["modes"].items()} if "modes" in results
+                 else {results["task"]: list(results["per_class"].values())})
+    return [confusion_png(results["confusion"], names, os.path.join(output, "confusion.png"), title),
+            per_class_png(per_class, names, os.path.join(output, "per_class_accuracy.png"), title)]
+
+
+def format_table(results: dict) -> str:
+    lines = [f"evaluate {results['task']}: {results['dataset']}"]
+    if results["task"] == "retrieval":
+        lines.append(f"  {results['n_images']} images, {results['n_texts']} texts")
+        for way in ("image_to_text", "text_to_image"):
+            lines.append(f"  {way:<14}" + "".join(f"  R@{k} {results[f'{way}_R@{k}']:6.1%}" for k in (1, 5, 10)))
+        return "\n".join(lines)
+    lines.append(f"  {'mode':<16} {'templates':>9} {'top1':>7} {'top5':>7} {'mean/class':>10}")
+    rows = results.get("modes") or {"linear probe": results}
+    for mode, r in rows.items():
+        lines.append(f"  {mode:<16} {r.get('templates', '-')!s:>9} {r['top1']:7.1%} {r['top5']:7.1%} "
+                     f"{r['mean_per_class']:10.1%}")
+    if "probe" in results:
+        p = results["probe"]
+        lines.append(f"  best C {p['best_C']:.4g} (train {p['n_fit']} / val {p['n_val']} / test {p['n_test']})")
+    if "modes" in results and len(results["classnames"]) <= 60:
+        lines.append(f"  {'class':<24} {'single':>7} {'ensemble':>9}")
+        for name in results["classnames"]:
+            lines.append(f"  {name[:24]:<24} {results['modes']['single']['per_class'][name]:7.1%} "
+                         f"{results['modes']['ensemble']['per_class'][name]:9.1%}")
+    if "overlap" in results:
+        o = results["overlap"]
+        top, n = o["top1"], o["n"]
+        diff = "-" if top["all_minus_clean"] is None else f"{100 * top['all_minus_clean']:+.1f} pp"
+        lines.append("  data overlap (paper section 5): top1 on All / Clean / Overlap, All - Clean")
+        lines.append(f"  n {n['all']} / {n['clean']} / {n['overlap']}: {_pct(top['all'])} / {_pct(top['clean'])} / "
+                     f"{_pct(top['overlap'])}, {diff}")
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+# ---------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="export directory or OpenAI-layout state-dict file")
+    p.add_argument("--dataset", required=True, help="imagefolder:DIR or parquet:PATH")
+    p.add_argument("--classnames", default=None, help="class-name list: JSON list or one per line")
+    p.add_argument("--templates", default="openai-imagenet", help="FILE, openai-imagenet or simple")
+    p.add_argument("--task", default="zeroshot", choices=TASKS)
+    p.add_argument("--output", required=True, help="directory for results.json and plots")
+    p.add_argument("--train-manifest", default=None, help="committed training stage dir (phash) for overlap")
+    p.add_argument("--overlap-hamming", type=int, default=8)
+    p.add_argument("--probe-train", default=None, help="linear-probe training set (default: split --dataset)")
+    p.add_argument("--image-col", default="image")
+    p.add_argument("--label-col", default="label")
+    p.add_argument("--caption-col", default="caption")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=None, help="max embedding actors")
+    p.add_argument("--ray-address", default=None)
+    p.add_argument("--num-cpus", type=int, default=None, help="local Ray only: logical CPUs")
+    p.add_argument("--s3-endpoint", default=None, help="e.g. http://127.0.0.1:8333")
+    p.add_argument("--no-plots", action="store_true")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    return EvalConfig(
+        checkpoint=args.checkpoint, dataset=args.dataset, output=args.output, task=args.task,
+        classnames=args.classnames, templates=args.templates, train_manifest=args.train_manifest,
+        overlap_hamming=args.overlap_hamming, probe_train=args.probe_train, image_col=args.image_col,
+        label_col=args.label_col, caption_col=args.caption_col, batch_size=args.batch_size, workers=args.workers,
+        s3=S3Options(endpoint_url=args.s3_endpoint), ray=RayConfig(args.ray_address, args.num_cpus),
+        plots=not args.no_plots)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        evaluate(config_from_args(args))
+    except (ValueError, FileNotFoundError, StorageError, ManifestError) as err:
+        print(f"evaluate: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
