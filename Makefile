@@ -29,7 +29,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed
-	$(BIN)/python -m pipelines.demo
+	$(BIN)/python -m pipelines.demo $(ARGS)
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest tests

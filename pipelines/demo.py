@@ -35,13 +35,13 @@ class DemoConfig:
     # "s3": shards, checkpoints and the export on a local SeaweedFS server (the cluster path); "local": disk.
     storage: str = "s3"
     # Training images: coloured shapes (over the non-held-out colour-shape pairs) and digits (train split).
-    shapes: int = 2400
+    shapes: int = 1200
     digits: bool = True
     # Planted copies that dedup must find: exact byte copies and re-encoded/resized near-duplicates.
     planted_duplicates: int = 120
     image_px: int = 64
     model: str = "tiny-vit"
-    epochs: int = 12
+    epochs: int = 6
     global_batch_size: int = 128
     lr: float = 2e-3
     num_workers: int = 2

@@ -1,0 +1,22 @@
+"""Every YAML in configs/ loads into its stage's typed config (unknown keys would be errors)."""
+
+import importlib
+
+import pytest
+
+from pipelines.config import load_config
+
+STAGES = {
+    "crawl.yaml": ("pipelines.crawl", "CrawlConfig", ["input.paths=[urls.parquet]"]),
+    "filter.yaml": ("pipelines.filter", "FilterStageConfig", []),
+    "dedup.yaml": ("pipelines.dedup", "DedupStageConfig", []),
+    "shard.yaml": ("pipelines.shard", "ShardConfig", []),
+    "train_tiny.yaml": ("pipelines.train", "TrainConfig", []),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_config_file_loads(name: str) -> None:
+    module, cls, overrides = STAGES[name]
+    cfg = load_config(getattr(importlib.import_module(module), cls), f"configs/{name}", overrides)
+    assert type(cfg).__name__ == cls
