@@ -51,14 +51,18 @@ def gather_features(x: torch.Tensor, world_size: int, group=None) -> torch.Tenso
     return _AllGatherWithGrad.apply(x, group)
 
 
-class ClipLoss(nn.Module):
-    """The paper's symmetric cross-entropy over logit_scale * cosine similarities."""
+class _GatheringLoss(nn.Module):
+    """A loss over this worker's rows against the whole global batch (gathered with gradient)."""
 
     def __init__(self, world_size: int = 1, rank: int = 0, group=None) -> None:
         super().__init__()
         self.world_size = world_size
         self.rank = rank
         self.group = group
+
+
+class ClipLoss(_GatheringLoss):
+    """The paper's symmetric cross-entropy over logit_scale * cosine similarities."""
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
                 logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -72,18 +76,12 @@ class ClipLoss(nn.Module):
         return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
-class SigLipLoss(nn.Module):
+class SigLipLoss(_GatheringLoss):
     """Sigmoid loss (Zhai et al., 2023): every image-text pair is an independent binary label.
 
     Each worker scores its images against the gathered texts of all workers; the sum over pairs is
     normalised by the local batch so that the mean over workers equals the one-process value.
     """
-
-    def __init__(self, world_size: int = 1, rank: int = 0, group=None) -> None:
-        super().__init__()
-        self.world_size = world_size
-        self.rank = rank
-        self.group = group
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
                 logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None) -> torch.Tensor:

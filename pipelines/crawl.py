@@ -21,9 +21,10 @@ import pyarrow as pa
 from .config import parse_cli, to_dict
 from .fetch import FetchConfig, SafeFetcher
 from .images import ImageConfig, process_image
-from .manifest import Manifest, fingerprint, read_manifest
+from .manifest import Manifest, fingerprint
 from .schema import REJECTED_SCHEMA, SAMPLE_SCHEMA, sample_key
-from .stage import OutputConfig, PartResult, PartStore, RayConfig, finish_stage, init_ray, part_name
+from .stage import (OutputConfig, PartResult, PartStore, RayConfig, already_committed, finish_stage, init_ray,
+                    part_name)
 from .storage import S3Options, Storage
 from .url_lists import InputConfig, read_url_list
 
@@ -79,7 +80,7 @@ class CrawlPart:
     def __call__(self, group: pa.Table) -> pa.Table:
         name = part_name(int(group.column("part")[0].as_py()))
         result = self.store.done(name) or self._crawl(name, group)
-        return pa.table({"part": [name], "result": [_dump(result)]})
+        return pa.table({"part": [name], "result": [result.dumps()]})
 
     def _crawl(self, name: str, group: pa.Table) -> PartResult:
         group = group.sort_by("key")
@@ -124,18 +125,6 @@ class CrawlPart:
         return self.store.commit(name, kept_table, rejected_table, rows_in)
 
 
-def _dump(result: PartResult) -> str:
-    import json
-
-    return json.dumps({**result.to_json(), "skipped": result.skipped})
-
-
-def _load(text: str) -> PartResult:
-    import json
-
-    return PartResult(**json.loads(text))
-
-
 def _resolve_inputs(cfg: CrawlConfig) -> tuple[pa.fs.FileSystem, list[str]]:
     """Expand directories to their files; all inputs must live on one filesystem."""
     storages, paths = [], []
@@ -161,9 +150,8 @@ def run(cfg: CrawlConfig) -> Manifest:
     fs, paths = _resolve_inputs(cfg)
     sizes = [fs.get_file_info(p).size for p in paths]
     fp = fingerprint(STAGE, {**_fingerprint_config(cfg), "input_files": [f"{p}:{s}" for p, s in zip(paths, sizes)]})
-    existing = read_manifest(out, "")
-    if existing is not None and existing.fingerprint == fp:
-        print(f"crawl: {out.uri()} already committed with this config and input; nothing to do", flush=True)
+    existing = already_committed(out, STAGE, fp)
+    if existing is not None:
         return existing
     init_ray(cfg.ray)
     import ray
@@ -182,7 +170,7 @@ def run(cfg: CrawlConfig) -> Manifest:
                     concurrency=min(workers, num_parts), num_cpus=0.5)
         .take_all()
     )
-    parts = [_load(r["result"]) for r in results]
+    parts = [PartResult.loads(r["result"]) for r in results]
     print(f"crawl: {len(parts)} parts ({sum(p.skipped for p in parts)} reused from an earlier run), "
           f"{total} input rows", flush=True)
     return finish_stage(out, STAGE, fp, parts, SAMPLE_SCHEMA, to_dict(cfg), started, cfg.input.paths)

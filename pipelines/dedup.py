@@ -10,7 +10,6 @@ holding the rows that stay; dropped rows go to `_rejected/` with the key of the 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -24,9 +23,10 @@ from .config import parse_cli, to_dict
 from .dedup_core import DedupConfig, build_eval_index, overlap_report, plan_dedup
 from .eval_sets import open_eval_set, read_eval_set
 from .filter import read_committed
-from .manifest import Manifest, fingerprint, read_manifest
+from .manifest import Manifest, fingerprint
 from .schema import REJECTED_SCHEMA
-from .stage import OutputConfig, PartResult, PartStore, RayConfig, finish_stage, init_ray
+from .stage import (OutputConfig, PartResult, PartStore, RayConfig, already_committed, finish_stage, init_ray,
+                    run_file_parts)
 from .storage import S3Options, Storage
 
 STAGE = "dedup"
@@ -104,8 +104,7 @@ class ApplyDrops:
         out = []
         for idx, path in zip(batch["file_idx"], batch["path"]):
             name = os.path.splitext(os.path.basename(path))[0]
-            result = self.store.done(name) or self._apply(name, int(idx), path)
-            out.append(json.dumps({**result.to_json(), "skipped": result.skipped}))
+            out.append((self.store.done(name) or self._apply(name, int(idx), path)).dumps())
         return {"result": out}
 
     def _apply(self, name: str, idx: int, path: str) -> PartResult:
@@ -141,9 +140,8 @@ def run(cfg: DedupStageConfig) -> Manifest:
                            "bytes": sum(es.storage.size(f) for f in es.files)})
     conf = {"dedup": to_dict(cfg.dedup), "eval_sets": eval_sizes}
     fp = fingerprint(STAGE, conf, [in_manifest])
-    existing = read_manifest(out, "")
-    if existing is not None and existing.fingerprint == fp:
-        print(f"dedup: {out.uri()} already committed with this config and input; nothing to do", flush=True)
+    existing = already_committed(out, STAGE, fp)
+    if existing is not None:
         return existing
     init_ray(cfg.ray)
     import ray
@@ -175,11 +173,7 @@ def run(cfg: DedupStageConfig) -> Manifest:
     store = PartStore(out, STAGE, fp, cfg.output.row_group_size)
     workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     items = [{"file_idx": i, "path": f} for i, f in enumerate(files)]
-    results = (ray.data.from_items(items, override_num_blocks=len(items))
-               .map_batches(ApplyDrops, batch_size=1, concurrency=min(workers, len(items)), num_cpus=1,
-                            fn_constructor_kwargs={"inp": inp, "store": store, "fp": fp, "with_drops": with_drops})
-               .take_all())
-    parts = [PartResult(**json.loads(r["result"])) for r in results]
+    parts = run_file_parts(items, ApplyDrops, {"inp": inp, "store": store, "fp": fp, "with_drops": with_drops}, workers)
     schema = inp.read_parquet(files[0]).schema
     if report:
         print("dedup: eval-set overlap (paper section 5)")

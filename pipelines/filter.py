@@ -26,7 +26,8 @@ from .config import parse_cli, to_dict
 from .filters import FilterConfig, over_query_cap, row_reasons
 from .manifest import Manifest, fingerprint, read_manifest
 from .schema import REJECTED_SCHEMA
-from .stage import OutputConfig, PartResult, PartStore, RayConfig, finish_stage, init_ray
+from .stage import (OutputConfig, PartResult, PartStore, RayConfig, already_committed, finish_stage, init_ray,
+                    run_file_parts)
 from .storage import S3Options, Storage
 
 STAGE = "filter"
@@ -129,13 +130,10 @@ class FilterFiles:
         self.scorer = ClipScorer(cfg.rules.clip_score_checkpoint, cfg.input_s3) if cfg.rules.clip_score_checkpoint else None
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        import json
-
         out = []
         for path in batch["path"]:
             name = os.path.splitext(os.path.basename(path))[0]
-            result = self.store.done(name) or self.filter_file(name, path)
-            out.append(json.dumps({**result.to_json(), "skipped": result.skipped}))
+            out.append((self.store.done(name) or self.filter_file(name, path)).dumps())
         return {"result": out}
 
     def filter_file(self, name: str, path: str) -> PartResult:
@@ -167,20 +165,15 @@ class FilterFiles:
 
 
 def run(cfg: FilterStageConfig) -> Manifest:
-    import json
-
     started = time.time()
     inp, in_manifest = read_committed(cfg.input, cfg.input_s3, "crawl")
     out = Storage.from_uri(cfg.output.path, cfg.output.s3)
-    conf = {"rules": to_dict(cfg.rules)}
-    fp = fingerprint(STAGE, conf, [in_manifest])
-    existing = read_manifest(out, "")
-    if existing is not None and existing.fingerprint == fp:
-        print(f"filter: {out.uri()} already committed with this config and input; nothing to do", flush=True)
+    fp = fingerprint(STAGE, {"rules": to_dict(cfg.rules)}, [in_manifest])
+    existing = already_committed(out, STAGE, fp)
+    if existing is not None:
         return existing
     init_ray(cfg.ray)
     import ray
-    import ray.data
 
     t0 = time.time()
     cutoffs = compute_query_cutoffs(inp, in_manifest, cfg.rules) if cfg.rules.max_per_query else {}
@@ -190,12 +183,7 @@ def run(cfg: FilterStageConfig) -> Manifest:
     items = [{"path": p} for p in in_manifest.file_paths()]
     if not items:
         raise ValueError(f"filter input {cfg.input} lists no data files (the crawl kept no rows)")
-    ctor = {"inp": inp, "store": store, "cfg": cfg, "cutoffs": cutoffs}
-    results = (ray.data.from_items(items, override_num_blocks=len(items))
-               .map_batches(FilterFiles, batch_size=1, fn_constructor_kwargs=ctor,
-                            concurrency=min(workers, len(items)), num_cpus=1)
-               .take_all())
-    parts = [PartResult(**json.loads(r["result"])) for r in results]
+    parts = run_file_parts(items, FilterFiles, {"inp": inp, "store": store, "cfg": cfg, "cutoffs": cutoffs}, workers)
     schema = inp.read_parquet(in_manifest.file_paths()[0]).schema if in_manifest.files else None
     if cfg.rules.clip_score_checkpoint:
         schema = schema.append(pa.field("clip_score", pa.float32()))

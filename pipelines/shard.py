@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from .config import parse_cli, to_dict
 from .filter import read_committed
 from .manifest import MANIFEST_NAME, Manifest, fingerprint, read_manifest
-from .stage import OutputConfig, PartResult, RayConfig, finish_stage, init_ray
+from .stage import OutputConfig, PartResult, RayConfig, already_committed, finish_stage, init_ray
 from .storage import S3Options, Storage
 
 STAGE = "shard"
@@ -89,8 +89,7 @@ def run(cfg: ShardConfig) -> Manifest:
     conf = {k: v for k, v in to_dict(cfg).items() if k not in ("input", "input_s3", "output", "ray")}
     fp = fingerprint(STAGE, conf, [in_manifest])
     existing = read_manifest(out, "")
-    if existing is not None and existing.fingerprint == fp:
-        print(f"shard: {out.uri()} already committed with this config and input; nothing to do", flush=True)
+    if already_committed(out, STAGE, fp) is not None:
         return existing
     if in_manifest.rows_out == 0:
         raise ValueError(f"shard input {cfg.input} has no rows: nothing to shard")

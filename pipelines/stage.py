@@ -96,6 +96,14 @@ class PartResult:
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "skipped"}
 
+    def dumps(self) -> str:
+        """For returning from a Ray task: one short string per part."""
+        return json.dumps({**self.to_json(), "skipped": self.skipped})
+
+    @staticmethod
+    def loads(text: str) -> "PartResult":
+        return PartResult(**json.loads(text))
+
 
 class PartStore:
     """Commits and finds parts of one stage output directory. Picklable; safe to use from Ray tasks."""
@@ -135,6 +143,29 @@ class PartStore:
         self.storage.write_bytes(f"_parts/{name}.json",
                                  json.dumps({**result.to_json(), "fingerprint": self.fingerprint}).encode())
         return result
+
+
+def already_committed(storage: Storage, stage: str, fp: str) -> Manifest | None:
+    """The committed manifest if this exact stage (same config and inputs) already ran, else None."""
+    from .manifest import read_manifest
+
+    existing = read_manifest(storage, "")
+    if existing is not None and existing.fingerprint == fp:
+        print(f"{stage}: {storage.uri()} already committed with this config and input; nothing to do", flush=True)
+        return existing
+    return None
+
+
+def run_file_parts(items: list[dict[str, Any]], worker_cls: type, ctor: dict[str, Any], workers: int) -> list[PartResult]:
+    """One part per input file: a Ray Data actor pool runs `worker_cls(**ctor)` on batches of one item,
+    each returning {"result": [PartResult.dumps()]}. Only these short strings reach the driver."""
+    import ray.data
+
+    results = (ray.data.from_items(items, override_num_blocks=len(items))
+               .map_batches(worker_cls, batch_size=1, fn_constructor_kwargs=ctor,
+                            concurrency=max(1, min(workers, len(items))), num_cpus=1)
+               .take_all())
+    return [PartResult.loads(r["result"]) for r in results]
 
 
 def finish_stage(storage: Storage, stage: str, fingerprint: str, parts: list[PartResult], schema: pa.Schema,

@@ -58,6 +58,9 @@ def ray_session(s3_server):
     # After s3_server: Ray's workers inherit the S3 credentials the fixture put in os.environ.
     import ray
 
+    if ray.is_initialized():
+        # An earlier test module's Ray was started without the S3 credentials and the CPUs these need.
+        ray.shutdown()
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}})
     yield
