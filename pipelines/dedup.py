@@ -18,10 +18,11 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from .config import parse_cli, to_dict
 from .dedup_core import DedupConfig, build_eval_index, overlap_report, plan_dedup
-from .eval_sets import open_eval_set, read_eval_set
+from .eval_sets import EvalSet, open_eval_set, read_eval_set
 from .filter import read_committed
 from .manifest import Manifest, fingerprint
 from .schema import REJECTED_SCHEMA
@@ -60,13 +61,12 @@ class DedupStageConfig:
                 raise ValueError(f"dedup.eval_sets entries need a name and a dataset, got {ref}")
 
 
-def _eval_phashes(cfg: DedupStageConfig) -> dict[str, list[int]]:
+def _eval_phashes(eval_sets: list[EvalSet]) -> dict[str, list[int]]:
     """phash of every eval image, computed by Ray Data tasks; only the 8-byte hashes reach the driver."""
     out = {}
-    for ref in cfg.eval_sets:
-        es = open_eval_set(ref.dataset, cfg.input_s3, name=ref.name, classnames=[])
+    for es in eval_sets:
         ds = read_eval_set(es).map_batches(_phash_batch, batch_format="numpy")
-        out[ref.name] = [int(r["phash"]) for r in ds.take_all()]
+        out[es.name] = [int(r["phash"]) for r in ds.take_all()]
     return out
 
 
@@ -133,11 +133,9 @@ def run(cfg: DedupStageConfig) -> Manifest:
     started = time.time()
     inp, in_manifest = read_committed(cfg.input, cfg.input_s3, "filter")
     out = Storage.from_uri(cfg.output.path, cfg.output.s3)
-    eval_sizes = []
-    for ref in cfg.eval_sets:
-        es = open_eval_set(ref.dataset, cfg.input_s3, name=ref.name, classnames=[])
-        eval_sizes.append({"name": ref.name, "files": len(es.files),
-                           "bytes": sum(es.storage.size(f) for f in es.files)})
+    eval_sets = [open_eval_set(ref.dataset, cfg.input_s3, name=ref.name, classnames=[]) for ref in cfg.eval_sets]
+    eval_sizes = [{"name": es.name, "files": len(es.files), "bytes": sum(es.storage.size(f) for f in es.files)}
+                  for es in eval_sets]
     conf = {"dedup": to_dict(cfg.dedup), "eval_sets": eval_sizes}
     fp = fingerprint(STAGE, conf, [in_manifest])
     existing = already_committed(out, STAGE, fp)
@@ -152,7 +150,7 @@ def run(cfg: DedupStageConfig) -> Manifest:
         raise ValueError(f"dedup input {cfg.input} lists no data files")
     timings = {}
     t0 = time.time()
-    eval_index = build_eval_index(_eval_phashes(cfg)) if cfg.eval_sets else None
+    eval_index = build_eval_index(_eval_phashes(eval_sets)) if cfg.eval_sets else None
     timings["eval_index_s"] = round(time.time() - t0, 3)
     index_of = {inp.fs_path(f): i for i, f in enumerate(files)}
 
@@ -171,10 +169,11 @@ def run(cfg: DedupStageConfig) -> Manifest:
                                                     concurrency=1).take_all()
     with_drops = {int(r["file_idx"]) for r in written}
     store = PartStore(out, STAGE, fp, cfg.output.row_group_size)
-    workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     items = [{"file_idx": i, "path": f} for i, f in enumerate(files)]
-    parts = run_file_parts(items, ApplyDrops, {"inp": inp, "store": store, "fp": fp, "with_drops": with_drops}, workers)
-    schema = inp.read_parquet(files[0]).schema
+    parts = run_file_parts(items, ApplyDrops, {"inp": inp, "store": store, "fp": fp, "with_drops": with_drops},
+                           cfg.workers)
+    with inp.open_input(files[0]) as f:
+        schema = pq.read_schema(f)  # the footer only, not the images
     if report:
         print("dedup: eval-set overlap (paper section 5)")
         for name, r in report.items():

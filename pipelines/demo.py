@@ -68,7 +68,7 @@ def _near_copy(image: bytes, rng: random.Random) -> bytes:
     return encode(img, "JPEG", quality=rng.choice([70, 80, 90]))
 
 
-def build_web_content(cfg: DemoConfig, eval_dir: str) -> tuple[WebContent, dict]:
+def build_web_content(cfg: DemoConfig, eval_dir: str) -> WebContent:
     rng = random.Random(cfg.seed)
     train = shape_samples(cfg.shapes, px=cfg.image_px, seed=cfg.seed)
     if cfg.digits:
@@ -96,7 +96,7 @@ def build_web_content(cfg: DemoConfig, eval_dir: str) -> tuple[WebContent, dict]
         images.append(s.image)
         captions.append(f"a scan of a handwritten {s.label}")
         queries.append(s.label)
-    return WebContent(images, captions, queries), {k: len(v) for k, v in sets.items()}
+    return WebContent(images, captions, queries)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,7 +132,7 @@ def _run(cfg: DemoConfig, work: str, s3, started: float) -> None:
     from .train import TrainConfig, run_training
 
     _banner("generating the web: shapes x colours x sizes x backgrounds, digits, duplicates, hostile cases")
-    content, eval_sizes = build_web_content(cfg, os.path.join(work, "eval"))
+    content = build_web_content(cfg, os.path.join(work, "eval"))
     remote = s3.uri("run") if s3 else os.path.join(work, "stages")
     s3_opts = [f"endpoint_url={s3.endpoint_url}"] if s3 else []
 

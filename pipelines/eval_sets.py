@@ -25,10 +25,9 @@ class EvalSet:
     files: list[str]  # relative to storage
     classnames: list[str]
     labels: list[int] | None = None  # imagefolder: label per file
-
-    @property
-    def size(self) -> int:
-        return len(self.files) if self.kind == "imagefolder" else -1
+    # Parquet only: which columns hold the encoded image and the integer label.
+    image_col: str = "image"
+    label_col: str = "label"
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -62,7 +61,7 @@ def open_eval_set(spec: str, s3: S3Options | None = None, name: str | None = Non
         raise FileNotFoundError(f"eval set {spec}: no .parquet files")
     if classnames is None:
         raise ValueError(f"eval set {spec}: a Parquet eval set needs a class-name list (--classnames FILE)")
-    return EvalSet(name, kind, st, files, classnames)
+    return EvalSet(name, kind, st, files, classnames, image_col=image_col, label_col=label_col)
 
 
 def _single_parquet_file(path: str, s3: S3Options | None) -> tuple[Storage, list[str]] | None:
@@ -76,7 +75,7 @@ def _single_parquet_file(path: str, s3: S3Options | None) -> tuple[Storage, list
     return (st, [base]) if st.fs.get_file_info(st.fs_path(base)).type == pafs.FileType.File else None
 
 
-def read_eval_set(es: EvalSet, image_col: str = "image", label_col: str = "label"):
+def read_eval_set(es: EvalSet):
     """A Ray Dataset with image, label, id; reading is spread over the cluster."""
     import ray.data
 
@@ -91,6 +90,7 @@ def read_eval_set(es: EvalSet, image_col: str = "image", label_col: str = "label
                              "id": pa.array(paths, pa.string())})
 
         return ds.map_batches(add_labels, batch_format="pyarrow")
+    image_col, label_col = es.image_col, es.label_col
     paths = [es.storage.fs_path(f) for f in es.files]
     ds = ray.data.read_parquet(paths, filesystem=es.storage.fs, columns=[image_col, label_col])
     n_classes = len(es.classnames)

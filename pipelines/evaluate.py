@@ -433,8 +433,8 @@ def _classification(cfg: EvalConfig, model: Any, tokenizer: Any, classnames: lis
         raise ValueError(f"--probe-train {cfg.probe_train} has classes {train_es.classnames[:5]}... but --dataset "
                          f"{cfg.dataset} has {es.classnames[:5]}...: they must be the same list")
     t0 = time.time()
-    emb = embed(read_eval_set(es, cfg.image_col, cfg.label_col), cfg, with_phash=bool(cfg.train_manifest))
-    train = embed(read_eval_set(train_es, cfg.image_col, cfg.label_col), cfg, False) if train_es else None
+    emb = embed(read_eval_set(es), cfg, with_phash=bool(cfg.train_manifest))
+    train = embed(read_eval_set(train_es), cfg, False) if train_es else None
     timings["embed_s"] = round(time.time() - t0, 3)
     t0 = time.time()
     out: dict[str, Any] = {"n": len(emb.ids), "classnames": es.classnames}

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from .config import parse_cli, to_dict
 from .filters import FilterConfig, over_query_cap, row_reasons
 from .manifest import Manifest, fingerprint, read_manifest
-from .schema import REJECTED_SCHEMA
+from .schema import REJECTED_SCHEMA, SAMPLE_SCHEMA
 from .stage import (OutputConfig, PartResult, PartStore, RayConfig, already_committed, finish_stage, init_ray,
                     run_file_parts)
 from .storage import S3Options, Storage
@@ -173,18 +173,16 @@ def run(cfg: FilterStageConfig) -> Manifest:
     if existing is not None:
         return existing
     init_ray(cfg.ray)
-    import ray
-
     t0 = time.time()
     cutoffs = compute_query_cutoffs(inp, in_manifest, cfg.rules) if cfg.rules.max_per_query else {}
     t_cap = time.time() - t0
     store = PartStore(out, STAGE, fp, cfg.output.row_group_size)
-    workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     items = [{"path": p} for p in in_manifest.file_paths()]
     if not items:
         raise ValueError(f"filter input {cfg.input} lists no data files (the crawl kept no rows)")
-    parts = run_file_parts(items, FilterFiles, {"inp": inp, "store": store, "cfg": cfg, "cutoffs": cutoffs}, workers)
-    schema = inp.read_parquet(in_manifest.file_paths()[0]).schema if in_manifest.files else None
+    parts = run_file_parts(items, FilterFiles, {"inp": inp, "store": store, "cfg": cfg, "cutoffs": cutoffs},
+                           cfg.workers)
+    schema = SAMPLE_SCHEMA
     if cfg.rules.clip_score_checkpoint:
         schema = schema.append(pa.field("clip_score", pa.float32()))
     return finish_stage(out, STAGE, fp, parts, schema, to_dict(cfg), started, [cfg.input],

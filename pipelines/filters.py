@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Callable
-
-import numpy as np
 import pyarrow as pa
 
 
@@ -118,5 +115,3 @@ def query_cutoffs(keys_by_query: dict[str, list[str]], cap: int) -> dict[str, st
 def over_query_cap(queries: list[str], keys: list[str], cutoffs: dict[str, str]) -> list[bool]:
     return [q in cutoffs and k > cutoffs[q] for q, k in zip(queries, keys)]
 
-
-Scorer = Callable[[pa.Table], np.ndarray]

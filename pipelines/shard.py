@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from .config import parse_cli, to_dict
 from .filter import read_committed
-from .manifest import MANIFEST_NAME, Manifest, fingerprint, read_manifest
+from .manifest import MANIFEST_NAME, Manifest, fingerprint
 from .stage import OutputConfig, PartResult, RayConfig, already_committed, finish_stage, init_ray
 from .storage import S3Options, Storage
 
@@ -44,6 +44,7 @@ class ShardConfig:
     bytes_per_shard: int | None = 256 * 1024 * 1024
     # Rows per Parquet row group: the unit a streaming reader fetches.
     row_group_size: int = 256
+    # false: input order (file by file; within a file the committed key order).
     shuffle: bool = True
     seed: int = 0
 
@@ -61,6 +62,12 @@ def _order_keys(batch: pa.Table, seed: int) -> pa.Table:
     order = [int.from_bytes(hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=8).digest(), "big") >> 2
              for k in keys]
     return batch.append_column(_ORDER, pa.array(order, pa.int64()))
+
+
+def _input_order(batch: pa.Table, index_of: dict[str, int]) -> pa.Table:
+    idx = [index_of[p] for p in batch.column("path").to_pylist()]
+    order = [(i << 40) + int(k[:10], 16) for i, k in zip(idx, batch.column("key").to_pylist())]
+    return batch.drop_columns(["path"]).append_column(_ORDER, pa.array(order, pa.int64()))
 
 
 def shard_rows(cfg: ShardConfig, manifest: Manifest) -> int:
@@ -88,9 +95,9 @@ def run(cfg: ShardConfig) -> Manifest:
     out = Storage.from_uri(cfg.output.path, cfg.output.s3)
     conf = {k: v for k, v in to_dict(cfg).items() if k not in ("input", "input_s3", "output", "ray")}
     fp = fingerprint(STAGE, conf, [in_manifest])
-    existing = read_manifest(out, "")
-    if already_committed(out, STAGE, fp) is not None:
-        return existing
+    committed = already_committed(out, STAGE, fp)
+    if committed is not None:
+        return committed
     if in_manifest.rows_out == 0:
         raise ValueError(f"shard input {cfg.input} has no rows: nothing to shard")
     init_ray(cfg.ray)
@@ -109,11 +116,23 @@ def run(cfg: ShardConfig) -> Manifest:
               .sort(_ORDER, boundaries=boundaries or None)
               .drop_columns([_ORDER]))
     else:
-        ds = ds.repartition(num_shards)
+        # Input order, made explicit: Ray's repartition was seen to interleave blocks of two input
+        # files. Order key = input file index, then the row's key: every stage commits its parts
+        # sorted by key, so this is the committed order. Boundaries fall on file starts.
+        files = in_manifest.file_paths()
+        index_of = {inp.fs_path(f): i for i, f in enumerate(files)}
+        starts, total = [], 0
+        for i, f in enumerate(in_manifest.files):
+            if i and total >= per_shard * (len(starts) + 1):
+                starts.append(i << 40)
+            total += f.rows
+        ds = (ray.data.read_parquet(**inp.ray_read_args(files), include_paths=True)
+              .map_batches(_input_order, batch_format="pyarrow", fn_kwargs={"index_of": index_of})
+              .sort(_ORDER, boundaries=starts or None)
+              .drop_columns([_ORDER]))
     # Shards live under data/, which this write replaces whole (Ray's OVERWRITE mode, which also lets
     # names be deterministic). An older manifest is removed first: it would list files being replaced.
-    if existing is not None:
-        out.delete(MANIFEST_NAME)
+    out.delete(MANIFEST_NAME)  # a missing file is not an error
     prefix = f"data/shard-{fp[:8]}-"
     ds.write_parquet(out.fs_path("data"), filesystem=out.fs, mode=SaveMode.OVERWRITE,
                      filename_provider=_names(fp), row_group_size=cfg.row_group_size,

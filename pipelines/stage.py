@@ -11,7 +11,6 @@ only the files it lists, so a stage killed midway leaves nothing a reader would 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from collections import Counter
@@ -22,8 +21,6 @@ import pyarrow as pa
 
 from .manifest import Manifest, schema_fields, write_manifest
 from .storage import S3Options, Storage
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -156,10 +153,15 @@ def already_committed(storage: Storage, stage: str, fp: str) -> Manifest | None:
     return None
 
 
-def run_file_parts(items: list[dict[str, Any]], worker_cls: type, ctor: dict[str, Any], workers: int) -> list[PartResult]:
+def run_file_parts(items: list[dict[str, Any]], worker_cls: type, ctor: dict[str, Any],
+                   workers: int | None = None) -> list[PartResult]:
     """One part per input file: a Ray Data actor pool runs `worker_cls(**ctor)` on batches of one item,
-    each returning {"result": [PartResult.dumps()]}. Only these short strings reach the driver."""
+    each returning {"result": [PartResult.dumps()]}. Only these short strings reach the driver.
+    `workers` = actors at most; None = one per logical CPU of the cluster."""
+    import ray
     import ray.data
+
+    workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
 
     results = (ray.data.from_items(items, override_num_blocks=len(items))
                .map_batches(worker_cls, batch_size=1, fn_constructor_kwargs=ctor,

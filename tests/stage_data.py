@@ -32,7 +32,7 @@ def commit_rows(uri: str, rows: list[dict], rows_per_part: int = 50, stage: str 
     store = PartStore(st, stage, fp)
     parts = []
     for i in range(0, max(len(rows), 1), rows_per_part):
-        chunk = rows[i:i + rows_per_part]
+        chunk = sorted(rows[i:i + rows_per_part], key=lambda r: r["key"])  # stages commit parts in key order
         parts.append(store.commit(f"part-{i // rows_per_part:05d}", pa.Table.from_pylist(chunk, schema=SAMPLE_SCHEMA),
                                   REJECTED_SCHEMA.empty_table(), len(chunk)))
     finish_stage(st, stage, fp, parts, SAMPLE_SCHEMA, {}, time.time(), [])
