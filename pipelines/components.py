@@ -24,6 +24,7 @@ from ray.data.aggregate import Count, Sum
 from scipy.sparse import coo_matrix, csgraph
 
 from .near_dup import partition_of, splitmix64
+from .stage import data_args
 
 EDGE_SCHEMA = pa.schema([("src", pa.int64()), ("dst", pa.int64())])
 
@@ -44,15 +45,15 @@ def connected_components(edges: ray.data.Dataset, partitions: int = 64, max_roun
     missing = {"src", "dst"} - set(edges.columns())
     if missing:
         raise ValueError(f"edges dataset lacks columns {sorted(missing)}; it has {edges.columns()}")
-    current = edges.map_batches(_orient, batch_format="pyarrow").materialize()
+    current = edges.map_batches(_orient, batch_format="pyarrow", **data_args()).materialize()
     previous = _fingerprint(current)
     if previous[0] == 0:
-        return Components(current.map_batches(_to_labels, batch_format="pyarrow"), 0)
+        return Components(current.map_batches(_to_labels, batch_format="pyarrow", **data_args()), 0)
     for rounds in range(1, max_rounds + 1):
         current = _small_star(_large_star(current, partitions), partitions).materialize()
         stats = _fingerprint(current)
         if stats == previous:
-            labels = current.map_batches(_to_labels, batch_format="pyarrow")
+            labels = current.map_batches(_to_labels, batch_format="pyarrow", **data_args())
             return Components(labels, rounds)
         previous = stats
     raise RuntimeError(f"connected components did not converge in {max_rounds} rounds "
@@ -135,13 +136,13 @@ def _small_star_group(group: pa.Table) -> pa.Table:
 
 
 def _large_star(edges: ray.data.Dataset, partitions: int) -> ray.data.Dataset:
-    keyed = edges.map_batches(_emit_both_directions, batch_format="pyarrow", fn_kwargs={"partitions": partitions})
-    return keyed.groupby("part", num_partitions=partitions).map_groups(_large_star_group, batch_format="pyarrow")
+    keyed = edges.map_batches(_emit_both_directions, batch_format="pyarrow", fn_kwargs={"partitions": partitions}, **data_args())
+    return keyed.groupby("part", num_partitions=partitions).map_groups(_large_star_group, batch_format="pyarrow", **data_args())
 
 
 def _small_star(edges: ray.data.Dataset, partitions: int) -> ray.data.Dataset:
-    keyed = edges.map_batches(_emit_by_larger, batch_format="pyarrow", fn_kwargs={"partitions": partitions})
-    return keyed.groupby("part", num_partitions=partitions).map_groups(_small_star_group, batch_format="pyarrow")
+    keyed = edges.map_batches(_emit_by_larger, batch_format="pyarrow", fn_kwargs={"partitions": partitions}, **data_args())
+    return keyed.groupby("part", num_partitions=partitions).map_groups(_small_star_group, batch_format="pyarrow", **data_args())
 
 
 def _to_labels(batch: pa.Table) -> pa.Table:

@@ -37,14 +37,24 @@ class _Override:
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
-        raise TypeError(f"load_config needs a dataclass type, got {cls!r}")
+    return build_config(cls, *load_raw(path, overrides))
+
+
+def load_raw(path: str | Path | None = None, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], str]:
+    """The YAML mapping with overrides applied (not yet typed) and a description of where it came from,
+    for callers that fill in keys of their own before `build_config` (e.g. the DAG runner's wiring)."""
     source = str(path) if path is not None else "<defaults>"
     data = _read_yaml(path) if path is not None else {}
     for item in overrides:
         _apply_override(data, item)
     if overrides:
         source += f" + overrides {list(overrides)}"
+    return data, source
+
+
+def build_config(cls: type[T], data: dict[str, Any], source: str) -> T:
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"load_config needs a dataclass type, got {cls!r}")
     return _build_dataclass(cls, data, prefix="", source=source)
 
 

@@ -23,7 +23,7 @@ from .fetch import FetchConfig, SafeFetcher
 from .images import ImageConfig, process_image
 from .manifest import Manifest, fingerprint
 from .schema import REJECTED_SCHEMA, SAMPLE_SCHEMA, sample_key
-from .stage import (OutputConfig, PartResult, PartStore, RayConfig, already_committed, finish_stage, init_ray,
+from .stage import (OutputConfig, PartResult, PartStore, RayConfig, already_committed, data_args, finish_stage, init_ray,
                     part_name)
 from .storage import S3Options, Storage
 from .url_lists import InputConfig, read_url_list
@@ -144,12 +144,22 @@ def _is_file(st: Storage) -> bool:
     return st.fs.get_file_info(st.root).type == pafs.FileType.File
 
 
-def run(cfg: CrawlConfig) -> Manifest:
-    started = time.time()
-    out = Storage.from_uri(cfg.output.path, cfg.output.s3)
+def _prepare(cfg: CrawlConfig):
     fs, paths = _resolve_inputs(cfg)
     sizes = [fs.get_file_info(p).size for p in paths]
     fp = fingerprint(STAGE, {**_fingerprint_config(cfg), "input_files": [f"{p}:{s}" for p, s in zip(paths, sizes)]})
+    return fs, paths, fp
+
+
+def fingerprint_of(cfg: CrawlConfig) -> str:
+    """What run(cfg) would commit under: the settings that shape the result and the URL lists (path, size)."""
+    return _prepare(cfg)[2]
+
+
+def run(cfg: CrawlConfig) -> Manifest:
+    started = time.time()
+    out = Storage.from_uri(cfg.output.path, cfg.output.s3)
+    fs, paths, fp = _prepare(cfg)
     existing = already_committed(out, STAGE, fp)
     if existing is not None:
         return existing
@@ -164,10 +174,10 @@ def run(cfg: CrawlConfig) -> Manifest:
     workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
     store = PartStore(out, STAGE, fp, cfg.output.row_group_size)
     results = (
-        ds.map_batches(_assign_parts, batch_format="pyarrow", fn_kwargs={"num_parts": num_parts})
+        ds.map_batches(_assign_parts, batch_format="pyarrow", fn_kwargs={"num_parts": num_parts}, **data_args())
         .groupby("part", num_partitions=min(num_parts, cfg.shuffle_partitions))
         .map_groups(CrawlPart, batch_format="pyarrow", fn_constructor_kwargs={"cfg": cfg, "store": store},
-                    concurrency=min(workers, num_parts), num_cpus=0.5)
+                    concurrency=min(workers, num_parts), num_cpus=0.5, **data_args())
         .take_all()
     )
     parts = [PartResult.loads(r["result"]) for r in results]

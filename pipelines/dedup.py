@@ -26,7 +26,7 @@ from .eval_sets import EvalSet, open_eval_set, read_eval_set
 from .filter import read_committed
 from .manifest import Manifest, fingerprint
 from .schema import REJECTED_SCHEMA
-from .stage import (OutputConfig, PartResult, PartStore, RayConfig, already_committed, finish_stage, init_ray,
+from .stage import (OutputConfig, PartResult, PartStore, RayConfig, already_committed, data_args, finish_stage, init_ray,
                     run_file_parts)
 from .storage import S3Options, Storage
 
@@ -65,7 +65,7 @@ def _eval_phashes(eval_sets: list[EvalSet]) -> dict[str, list[int]]:
     """phash of every eval image, computed by Ray Data tasks; only the 8-byte hashes reach the driver."""
     out = {}
     for es in eval_sets:
-        ds = read_eval_set(es).map_batches(_phash_batch, batch_format="numpy")
+        ds = read_eval_set(es).map_batches(_phash_batch, batch_format="numpy", **data_args())
         out[es.name] = [int(r["phash"]) for r in ds.take_all()]
     return out
 
@@ -129,15 +129,24 @@ class ApplyDrops:
         return self.store.commit(name, kept, rejected, table.num_rows)
 
 
-def run(cfg: DedupStageConfig) -> Manifest:
-    started = time.time()
+def _prepare(cfg: DedupStageConfig) -> tuple[Storage, Manifest, list, str]:
     inp, in_manifest = read_committed(cfg.input, cfg.input_s3, "filter")
-    out = Storage.from_uri(cfg.output.path, cfg.output.s3)
     eval_sets = [open_eval_set(ref.dataset, cfg.input_s3, name=ref.name, classnames=[]) for ref in cfg.eval_sets]
     eval_sizes = [{"name": es.name, "files": len(es.files), "bytes": sum(es.storage.size(f) for f in es.files)}
                   for es in eval_sets]
     conf = {"dedup": to_dict(cfg.dedup), "eval_sets": eval_sizes}
-    fp = fingerprint(STAGE, conf, [in_manifest])
+    return inp, in_manifest, eval_sets, fingerprint(STAGE, conf, [in_manifest])
+
+
+def fingerprint_of(cfg: DedupStageConfig) -> str:
+    """What run(cfg) would commit under: its settings, the eval sets' sizes and its committed input."""
+    return _prepare(cfg)[3]
+
+
+def run(cfg: DedupStageConfig) -> Manifest:
+    started = time.time()
+    inp, in_manifest, eval_sets, fp = _prepare(cfg)
+    out = Storage.from_uri(cfg.output.path, cfg.output.s3)
     existing = already_committed(out, STAGE, fp)
     if existing is not None:
         return existing
@@ -160,13 +169,13 @@ def run(cfg: DedupStageConfig) -> Manifest:
 
     t0 = time.time()
     keys = (ray.data.read_parquet(**inp.ray_read_args(files), columns=KEY_COLUMNS, include_paths=True)
-            .map_batches(add_file_idx, batch_format="pyarrow"))
+            .map_batches(add_file_idx, batch_format="pyarrow", **data_args()))
     drops = plan_dedup(keys, cfg.dedup, eval_index).materialize()
     timings["plan_s"] = round(time.time() - t0, 3)
     report = overlap_report(drops, eval_index) if cfg.eval_sets else {}
     written = drops.groupby("file_idx").map_groups(WriteDrops, batch_format="pyarrow",
                                                     fn_constructor_kwargs={"out": out, "fp": fp},
-                                                    concurrency=1).take_all()
+                                                    concurrency=1, **data_args()).take_all()
     with_drops = {int(r["file_idx"]) for r in written}
     store = PartStore(out, STAGE, fp, cfg.output.row_group_size)
     items = [{"file_idx": i, "path": f} for i, f in enumerate(files)]

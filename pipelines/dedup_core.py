@@ -27,6 +27,7 @@ from ray.data.aggregate import Count, Sum
 
 from . import near_dup as nd
 from .components import connected_components
+from .stage import data_args
 
 REASONS = ("exact_dup_url", "exact_dup_image", "near_dup_image", "near_dup_caption", "eval_overlap")
 REQUIRED_COLUMNS = ("key", "url", "sha256", "phash", "width", "height", "original_width", "original_height",
@@ -194,17 +195,17 @@ def plan_dedup(keys: ray.data.Dataset, cfg: DedupConfig, eval_index: EvalIndex |
         missing.append("caption")
     if missing:
         raise ValueError(f"plan_dedup: keys dataset lacks columns {missing}; it has {keys.columns()}")
-    rows = keys.map_batches(_prepare, batch_format="pyarrow", fn_kwargs={"with_caption": cfg.caption_minhash})
+    rows = keys.map_batches(_prepare, batch_format="pyarrow", fn_kwargs={"with_caption": cfg.caption_minhash}, **data_args())
     rows = rows.materialize()
     if cfg.shuffle_strategy is not None:
         rows.context.shuffle_strategy = cfg.shuffle_strategy  # a copy owned by this plan's lineage
     if eval_index is None:
         return _graph_drops(rows, cfg)
     tagged = rows.map_batches(EvalMatcher, fn_constructor_args=(eval_index, cfg.eval_hamming),
-                              batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=cfg.eval_actors))
+                              batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=cfg.eval_actors), **data_args())
     tagged = tagged.materialize()
-    overlap = tagged.map_batches(_eval_drops, batch_format="pyarrow")
-    clean = tagged.map_batches(_without_eval_hits, batch_format="pyarrow")
+    overlap = tagged.map_batches(_eval_drops, batch_format="pyarrow", **data_args())
+    clean = tagged.map_batches(_without_eval_hits, batch_format="pyarrow", **data_args())
     return overlap.union(_graph_drops(clean, cfg))
 
 
@@ -244,22 +245,22 @@ def _without_eval_hits(batch: pa.Table) -> pa.Table:
 
 
 def _graph_drops(rows: ray.data.Dataset, cfg: DedupConfig) -> ray.data.Dataset:
-    edges = (rows.map_batches(_emit_shuffle_rows, batch_format="pyarrow", fn_kwargs={"cfg": cfg})
+    edges = (rows.map_batches(_emit_shuffle_rows, batch_format="pyarrow", fn_kwargs={"cfg": cfg}, **data_args())
              .groupby("part", num_partitions=cfg.partitions)
-             .map_groups(_edges_in_partition, batch_format="pyarrow", fn_kwargs={"cfg": cfg})
+             .map_groups(_edges_in_partition, batch_format="pyarrow", fn_kwargs={"cfg": cfg}, **data_args())
              .materialize())
     labels = connected_components(edges.select_columns(["src", "dst"]), cfg.partitions, cfg.max_rounds).labels
-    parts = [rows.map_batches(_member_rows, batch_format="pyarrow", fn_kwargs={"partitions": cfg.partitions}),
-             labels.map_batches(_label_rows, batch_format="pyarrow", fn_kwargs={"partitions": cfg.partitions})]
+    parts = [rows.map_batches(_member_rows, batch_format="pyarrow", fn_kwargs={"partitions": cfg.partitions}, **data_args()),
+             labels.map_batches(_label_rows, batch_format="pyarrow", fn_kwargs={"partitions": cfg.partitions}, **data_args())]
     if cfg.caption_minhash:  # otherwise every non-exact drop is an image near-dup
         parts.append(edges.map_batches(_image_endpoint_rows, batch_format="pyarrow",
-                                       fn_kwargs={"partitions": cfg.partitions}))
+                                       fn_kwargs={"partitions": cfg.partitions}, **data_args()))
     members = (parts[0].union(*parts[1:])
                .groupby("part", num_partitions=cfg.partitions)
                .map_groups(_attach_component, batch_format="pyarrow",
-                           fn_kwargs={"partitions": cfg.partitions, "caption": cfg.caption_minhash}))
+                           fn_kwargs={"partitions": cfg.partitions, "caption": cfg.caption_minhash}, **data_args()))
     return members.groupby("part", num_partitions=cfg.partitions).map_groups(_choose_representatives,
-                                                                             batch_format="pyarrow")
+                                                                             batch_format="pyarrow", **data_args())
 
 
 # ---------------------------------------------------------------- edges
@@ -457,7 +458,7 @@ def overlap_report(dropped: ray.data.Dataset, eval_index: EvalIndex | None = Non
 
     With the index, sets without any match are listed too, with their size.
     """
-    hits = dropped.map_batches(_explode_hits, batch_format="pyarrow").materialize()
+    hits = dropped.map_batches(_explode_hits, batch_format="pyarrow", **data_args()).materialize()
     report: dict[str, dict[str, int]] = {}
     if eval_index is not None:
         report = {n: {"train_rows_dropped": 0, "eval_images_hit": 0, "eval_images": eval_index.sizes[n]}

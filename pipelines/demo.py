@@ -1,6 +1,8 @@
 """`make demo`: the paper end to end at laptop scale, on embedded services.
 
-    python -m pipelines.demo [key=value ...]       e.g. storage=local  shapes=1200  workdir=demo_out
+    python -m pipelines.demo [key=value ...]   e.g. storage=local shapes=1200 workdir=demo_out train.epochs=10
+
+(keys of DemoConfig below; any other key overrides the run config, configs/demo.yaml)
 
 It starts a local SeaweedFS S3 server for the shards and checkpoints (storage=local skips it) and a
 loopback web server of generated image-caption pairs (coloured shapes on backgrounds with varied
@@ -11,6 +13,7 @@ evaluate on held-out images, including colour-shape pairs never seen in training
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -30,7 +33,7 @@ from .synthetic import digit_samples, encode, shape_classnames, shape_samples
 
 @dataclass
 class DemoConfig:
-    # Where everything lands (URL list, eval sets, local stage outputs, the S3 server's data).
+    # Where everything lands (URL list, eval sets, local stage outputs, the S3 server's data, the report).
     workdir: str = "demo_out"
     # "s3": shards, checkpoints and the export on a local SeaweedFS server (the cluster path); "local": disk.
     storage: str = "s3"
@@ -40,15 +43,11 @@ class DemoConfig:
     # Planted copies that dedup must find: exact byte copies and re-encoded/resized near-duplicates.
     planted_duplicates: int = 120
     image_px: int = 64
-    model: str = "tiny-vit"
-    epochs: int = 6
-    global_batch_size: int = 128
-    lr: float = 2e-3
-    num_workers: int = 2
-    zero_stage: int = 2
     # Held-out evaluation images per shape class.
     eval_per_class: int = 10
     seed: int = 0
+    # The run config (stage settings); keys not of this class (train.epochs=10, ...) override it.
+    run_config: str = "configs/demo.yaml"
 
     def __post_init__(self) -> None:
         if self.storage not in ("s3", "local"):
@@ -99,9 +98,17 @@ def build_web_content(cfg: DemoConfig, eval_dir: str) -> WebContent:
     return WebContent(images, captions, queries)
 
 
+def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """key=value pairs for DemoConfig, and the rest for the run config (train.epochs=10, ...)."""
+    own = {f.name for f in dataclasses.fields(DemoConfig)}
+    demo = [a for a in argv if a.partition("=")[0].split(".")[0] in own]
+    return demo, [a for a in argv if a not in demo]
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = load_config(DemoConfig, None, argv)
+    demo_args, run_args = split_args(argv)
+    cfg = load_config(DemoConfig, None, demo_args)
     started = time.time()
     work = os.path.abspath(cfg.workdir)
     os.makedirs(work, exist_ok=True)
@@ -118,99 +125,72 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
         print(f"demo: SeaweedFS S3 at {s3.endpoint_url}, bucket clip-demo", flush=True)
     try:
-        _run(cfg, work, s3, started)
+        _run(cfg, run_args, work, s3, started)
     finally:
         if s3 is not None:
             s3.stop()
 
 
-def _run(cfg: DemoConfig, work: str, s3, started: float) -> None:
-    from .crawl import CrawlConfig, run as crawl
-    from .dedup import DedupStageConfig, run as dedup
-    from .filter import FilterStageConfig, run as filter_
-    from .shard import ShardConfig, run as shard
-    from .train import TrainConfig, run_training
+def _run(cfg: DemoConfig, run_args: list[str], work: str, s3, started: float) -> None:
+    from .run import Selection, load_run_config, run_pipeline
 
     _banner("generating the web: shapes x colours x sizes x backgrounds, digits, duplicates, hostile cases")
     content = build_web_content(cfg, os.path.join(work, "eval"))
-    remote = s3.uri("run") if s3 else os.path.join(work, "stages")
-    s3_opts = [f"endpoint_url={s3.endpoint_url}"] if s3 else []
-
-    def s3_args(*prefixes: str) -> list[str]:
-        return [f"{p}.{o}" for p in prefixes for o in s3_opts]
-
-    with LocalWebServer(content) as web:
-        url_list = os.path.join(work, "urls.parquet")
-        pq.write_table(pa.Table.from_pylist(web.url_list(hostile=True)), url_list)
-        print(f"demo: {len(content.images)} images served at {web.base_url}; URL list {url_list}", flush=True)
-        _banner("1/6 crawl")
-        crawl(load_config(CrawlConfig, None, [
-            f"input.paths=[{url_list}]", "input.query_col=query", f"output.path={remote}/crawl",
-            "fetch.allow_networks=[127.0.0.1/32]", "fetch.deadline_s=2", "fetch.max_retries=1",
-            "fetch.max_bytes=2000000", f"image.image_size={cfg.image_px}", "image.resize_mode=center_crop",
-            "rows_per_part=1000", *s3_args("output.s3")]))
-    _banner("2/6 filter")
-    filter_(load_config(FilterStageConfig, None, [
-        f"input={remote}/crawl", f"output.path={remote}/filter", "rules.max_per_query=400",
-        *s3_args("input_s3", "output.s3")]))
-    _banner("3/6 dedup + eval decontamination")
-    dedup(load_config(DedupStageConfig, None, [
-        f"input={remote}/filter", f"output.path={remote}/dedup",
-        # phash sees 32x32 grey levels: the synthetic shapes differ mostly by colour and position, and
-        # at the default radius of 8 bits distinct shapes (a red vs an orange triangle) merge. The demo
-        # uses tight radii; planted copies are still found, and decontamination runs on the digits.
-        "dedup.hamming_threshold=3", "dedup.eval_hamming=2",
-        f"eval_sets=[{{name: digits, dataset: 'imagefolder:{work}/eval/digits'}}]",
-        *s3_args("input_s3", "output.s3")]))
-    _banner("4/6 shard")
-    shard(load_config(ShardConfig, None, [
-        f"input={remote}/dedup", f"output.path={remote}/shards", "rows_per_shard=1000", "row_group_size=128",
-        *s3_args("input_s3", "output.s3")]))
-    _banner("5/6 train (Ray Train + DeepSpeed ZeRO, 2 CPU workers)")
-    summary = run_training(load_config(TrainConfig, "configs/train_tiny.yaml", [
-        f"model={cfg.model}", f"data.manifest={remote}/shards", f"storage_path={remote}/runs", "run_name=demo",
-        f"epochs={cfg.epochs}", f"global_batch_size={cfg.global_batch_size}", f"optim.lr={cfg.lr}",
-        f"num_workers={cfg.num_workers}", f"zero_stage={cfg.zero_stage}", "checkpoint_every=50",
-        *s3_args("s3", "data.s3")]))
-    print(json.dumps(summary, indent=2), flush=True)
-    _banner("6/6 evaluate: zero-shot on held-out images, one template against the ensemble")
-    results = evaluate_demo(work, remote, summary["export"], s3)
-    _banner("summary")
-    print(f"training: {summary.get('steps')} steps, loss {summary.get('first_loss')} -> {summary.get('final_loss')}")
-    print(f"exported model: {summary['export']}")
-    print(f"{'eval set':<22} {'single template top1':>22} {'ensemble top1':>15} {'ensemble top5':>15}")
-    for name, r in results.items():
-        print(f"{name:<22} {r['single_top1']:>22.1%} {r['top1']:>15.1%} {r['top5']:>15.1%}")
-    with open(os.path.join(work, "demo_results.json"), "w") as f:
-        json.dump({"train": summary, "eval": results}, f, indent=2)
-    print(f"\nresults and plots under {work}/eval_results; demo finished in {time.time() - started:.0f} s", flush=True)
-
-
-# Prompt ensembles for the demo's label spaces (the paper's "a photo of a {}." is the single template).
-SHAPE_TEMPLATES = ["a photo of a {}.", "a {} on a white background", "an image of a {}", "a drawing of a {}",
-                   "a small {}.", "a large {}."]
-DIGIT_TEMPLATES = ["a photo of the number {}.", "the digit {}", "a handwritten {}", "a scanned image of the number {}"]
-
-
-def evaluate_demo(work: str, remote: str, export: str, s3) -> dict:
-    from .evaluate import EvalConfig, evaluate
-
-    out = {}
+    root = s3.uri("run") if s3 else os.path.join(work, "stages")
+    jobs = []
     for name, templates in (("shapes_unseen_pairs", SHAPE_TEMPLATES), ("shapes_seen_pairs", SHAPE_TEMPLATES),
                             ("digits", DIGIT_TEMPLATES)):
         tfile = os.path.join(work, f"templates_{name}.json")
         with open(tfile, "w") as f:
             json.dump(templates, f)
-        extra = [f"s3.endpoint_url={s3.endpoint_url}"] if s3 else []
-        row = {}
-        for mode, spec in (("single", "simple"), ("ensemble", tfile)):
-            r = evaluate(load_config(EvalConfig, None, [
-                f"checkpoint={export}", f"dataset=imagefolder:{work}/eval/{name}", f"templates={spec}",
-                f"output={work}/eval_results/{name}/{mode}", *extra]))
-            row[mode] = r
-        out[name] = {"single_top1": row["single"]["top1"], "top1": row["ensemble"]["top1"],
-                     "top5": row["ensemble"]["top5"], "n": row["ensemble"].get("n")}
-    return out
+        jobs.append(f"{{name: {name}, dataset: 'imagefolder:{work}/eval/{name}', templates: '{tfile}'}}")
+    with LocalWebServer(content) as web:
+        url_list = os.path.join(work, "urls.parquet")
+        pq.write_table(pa.Table.from_pylist(web.url_list(hostile=True)), url_list)
+        print(f"demo: {len(content.images)} images served at {web.base_url}; URL list {url_list}", flush=True)
+        overrides = [
+            f"root={root}", f"crawl.input.paths=[{url_list}]", f"report.path={work}/report.html",
+            f"dedup.eval_sets=[{{name: digits, dataset: 'imagefolder:{work}/eval/digits'}}]",
+            f"evaluate=[{', '.join(jobs)}]",
+            *([f"s3.endpoint_url={s3.endpoint_url}"] if s3 else []),
+            *run_args,
+        ]
+        run_cfg = load_run_config(cfg.run_config, overrides)
+        # The web is only needed by the crawl, but a rerun may crawl again: keep it up for the whole run.
+        out = run_pipeline(run_cfg, Selection(), command="python -m pipelines.demo " + " ".join(run_args))
+    _banner("summary")
+    train = out["results"].get("train") or {}
+    if train:
+        print(f"training: {train.get('steps')} steps, loss {train.get('first_loss'):.3f} -> "
+              f"{train.get('final_loss'):.3f}, {train.get('driver_wall_s')} s")
+    train_dir = out["dirs"]["train"]
+    print(f"exported model: {train_dir}/export")
+    evaluated = {}
+    from .storage import Storage
+
+    ev = Storage.from_uri(out["dirs"]["evaluate"], run_cfg.s3)
+    print(f"{'eval set':<22} {'classes':>8} {'images':>7} {'single template top1':>22} {'ensemble top1':>15} "
+          f"{'ensemble top5':>15}")
+    for job in run_cfg.evaluate:
+        r = json.loads(ev.read_bytes(f"{job.name}/results.json"))
+        row = {"n": r["n"], "classes": len(r["classnames"]), "single_top1": r["modes"]["single"]["top1"],
+               "top1": r["modes"]["ensemble"]["top1"], "top5": r["modes"]["ensemble"]["top5"],
+               "chance": 1 / len(r["classnames"])}
+        evaluated[job.name] = row
+        print(f"{job.name:<22} {row['classes']:>8} {row['n']:>7} {row['single_top1']:>22.1%} {row['top1']:>15.1%} "
+              f"{row['top5']:>15.1%}")
+    with open(os.path.join(work, "demo_results.json"), "w") as f:
+        json.dump({"train": train, "eval": evaluated, "dirs": out["dirs"], "wall_s": time.time() - started}, f,
+                  indent=2)
+    print(f"\nreport: {work}/report.html (also {out['report']}); demo finished in {time.time() - started:.0f} s",
+          flush=True)
+
+
+# Prompt ensembles for the demo's label spaces (the paper's "a photo of a {}." is the single template,
+# which the evaluation always reports beside the ensemble).
+SHAPE_TEMPLATES = ["a photo of a {}.", "a {} on a white background", "an image of a {}", "a drawing of a {}",
+                   "a small {}.", "a large {}."]
+DIGIT_TEMPLATES = ["a photo of the number {}.", "the digit {}", "a handwritten {}", "a scanned image of the number {}"]
 
 
 if __name__ == "__main__":

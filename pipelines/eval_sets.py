@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from .stage import data_args
 from .storage import S3Options, Storage
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -89,7 +90,7 @@ def read_eval_set(es: EvalSet):
             return pa.table({"image": batch.column("bytes"), "label": pa.array([label_of[p] for p in paths], pa.int64()),
                              "id": pa.array(paths, pa.string())})
 
-        return ds.map_batches(add_labels, batch_format="pyarrow")
+        return ds.map_batches(add_labels, batch_format="pyarrow", **data_args())
     image_col, label_col = es.image_col, es.label_col
     paths = [es.storage.fs_path(f) for f in es.files]
     ds = ray.data.read_parquet(paths, filesystem=es.storage.fs, columns=[image_col, label_col])
@@ -104,4 +105,4 @@ def read_eval_set(es: EvalSet):
                          "id": pa.array([f"{es.name}:" + hashlib.sha1(b).hexdigest()[:16]
                                          for b in batch.column(image_col).to_pylist()], pa.string())})
 
-    return ds.map_batches(normalise, batch_format="pyarrow")
+    return ds.map_batches(normalise, batch_format="pyarrow", **data_args())

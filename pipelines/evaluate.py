@@ -51,7 +51,7 @@ from .config import to_dict
 from .eval_sets import EvalSet, open_eval_set, read_eval_set
 from .linear_probe import ProbeConfig, linear_probe, split_indices
 from .manifest import Manifest, ManifestError, read_manifest
-from .stage import RayConfig, init_ray
+from .stage import RayConfig, data_args, init_ray
 from .storage import S3Options, Storage, StorageError
 
 SINGLE_TEMPLATE = "a photo of a {}."
@@ -207,7 +207,7 @@ def embed(ds: Any, cfg: EvalConfig, with_phash: bool) -> Embedded:
 
     out = ds.map_batches(ImageEmbedder, batch_size=cfg.batch_size, batch_format="numpy",
                          compute=ActorPoolStrategy(min_size=1, max_size=_workers(cfg)), num_cpus=1,
-                         fn_constructor_kwargs={"checkpoint": cfg.checkpoint, "s3": cfg.s3, "with_phash": with_phash})
+                         fn_constructor_kwargs={"checkpoint": cfg.checkpoint, "s3": cfg.s3, "with_phash": with_phash}, **data_args())
     batches = list(out.iter_batches(batch_format="numpy", batch_size=None))
     if not batches:
         raise ValueError(f"eval set {cfg.dataset}: no images")
@@ -318,7 +318,7 @@ def run_retrieval(cfg: EvalConfig, model: Any, tokenizer: Any) -> dict:
                          "caption": pa.array([json.dumps(c) for c in caps], pa.string())})
 
     ds = ray.data.read_parquet(**es.storage.ray_read_args(es.files)).select_columns([image_col, caption_col])
-    emb = embed(ds.map_batches(rows, batch_format="pyarrow"), cfg, with_phash=False)
+    emb = embed(ds.map_batches(rows, batch_format="pyarrow", **data_args()), cfg, with_phash=False)
     texts, owner = [], []
     for i, caps in enumerate(emb.columns["caption"]):
         for c in json.loads(caps):
@@ -354,9 +354,9 @@ def overlap_mask(train: tuple[Storage, Manifest], phashes: np.ndarray, radius: i
         return mask
     index = build_eval_index({"eval": [int(h) for h in phashes]})
     hits = (ray.data.read_parquet(**st.ray_read_args(manifest.file_paths())).select_columns(["phash"])
-            .map_batches(_drop_null_phash, batch_format="pyarrow")
-            .map_batches(_match, batch_format="pyarrow", fn_kwargs={"index": index, "radius": radius})
-            .map_batches(_hit_images, batch_format="pyarrow"))
+            .map_batches(_drop_null_phash, batch_format="pyarrow", **data_args())
+            .map_batches(_match, batch_format="pyarrow", fn_kwargs={"index": index, "radius": radius}, **data_args())
+            .map_batches(_hit_images, batch_format="pyarrow", **data_args()))
     for batch in hits.iter_batches(batch_format="numpy", batch_size=None):
         mask[batch["image"]] = True
     return mask

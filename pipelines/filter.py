@@ -26,7 +26,7 @@ from .config import parse_cli, to_dict
 from .filters import FilterConfig, over_query_cap, row_reasons
 from .manifest import Manifest, fingerprint, read_manifest
 from .schema import REJECTED_SCHEMA, SAMPLE_SCHEMA
-from .stage import (OutputConfig, PartResult, PartStore, RayConfig, already_committed, finish_stage, init_ray,
+from .stage import (OutputConfig, PartResult, PartStore, RayConfig, already_committed, data_args, finish_stage, init_ray,
                     run_file_parts)
 from .storage import S3Options, Storage
 
@@ -77,9 +77,9 @@ def compute_query_cutoffs(inp: Storage, manifest: Manifest, rules: FilterConfig)
 
     columns = ["key", "query", "caption", "width", "height", "original_width", "original_height"]
     keys = (ray.data.read_parquet(**inp.ray_read_args(manifest.file_paths()), columns=columns)
-            .map_batches(_passing_rules, batch_format="pyarrow", fn_kwargs={"rules": rules}))
+            .map_batches(_passing_rules, batch_format="pyarrow", fn_kwargs={"rules": rules}, **data_args()))
     rows = keys.groupby("query").map_groups(_query_cutoffs, batch_format="pyarrow",
-                                            fn_kwargs={"cap": rules.max_per_query}).take_all()
+                                            fn_kwargs={"cap": rules.max_per_query}, **data_args()).take_all()
     return {r["query"]: r["cutoff"] for r in rows}
 
 
@@ -164,11 +164,20 @@ class FilterFiles:
         return self.store.commit(name, kept, rejected, table.num_rows)
 
 
+def _prepare(cfg: FilterStageConfig) -> tuple[Storage, Manifest, str]:
+    inp, in_manifest = read_committed(cfg.input, cfg.input_s3, "crawl")
+    return inp, in_manifest, fingerprint(STAGE, {"rules": to_dict(cfg.rules)}, [in_manifest])
+
+
+def fingerprint_of(cfg: FilterStageConfig) -> str:
+    """What run(cfg) would commit under: its rules and its committed input (which must exist)."""
+    return _prepare(cfg)[2]
+
+
 def run(cfg: FilterStageConfig) -> Manifest:
     started = time.time()
-    inp, in_manifest = read_committed(cfg.input, cfg.input_s3, "crawl")
+    inp, in_manifest, fp = _prepare(cfg)
     out = Storage.from_uri(cfg.output.path, cfg.output.s3)
-    fp = fingerprint(STAGE, {"rules": to_dict(cfg.rules)}, [in_manifest])
     existing = already_committed(out, STAGE, fp)
     if existing is not None:
         return existing

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from .config import parse_cli, to_dict
 from .filter import read_committed
 from .manifest import MANIFEST_NAME, Manifest, fingerprint
-from .stage import OutputConfig, PartResult, RayConfig, already_committed, finish_stage, init_ray
+from .stage import OutputConfig, PartResult, RayConfig, already_committed, data_args, finish_stage, init_ray
 from .storage import S3Options, Storage
 
 STAGE = "shard"
@@ -89,12 +89,21 @@ def _names(fp: str):
     return ShardNames()
 
 
+def _prepare(cfg: ShardConfig) -> tuple[Storage, Manifest, str]:
+    inp, in_manifest = read_committed(cfg.input, cfg.input_s3, "dedup")
+    conf = {k: v for k, v in to_dict(cfg).items() if k not in ("input", "input_s3", "output", "ray")}
+    return inp, in_manifest, fingerprint(STAGE, conf, [in_manifest])
+
+
+def fingerprint_of(cfg: ShardConfig) -> str:
+    """What run(cfg) would commit under: its settings and its committed input (which must exist)."""
+    return _prepare(cfg)[2]
+
+
 def run(cfg: ShardConfig) -> Manifest:
     started = time.time()
-    inp, in_manifest = read_committed(cfg.input, cfg.input_s3, "dedup")
+    inp, in_manifest, fp = _prepare(cfg)
     out = Storage.from_uri(cfg.output.path, cfg.output.s3)
-    conf = {k: v for k, v in to_dict(cfg).items() if k not in ("input", "input_s3", "output", "ray")}
-    fp = fingerprint(STAGE, conf, [in_manifest])
     committed = already_committed(out, STAGE, fp)
     if committed is not None:
         return committed
@@ -112,7 +121,7 @@ def run(cfg: ShardConfig) -> Manifest:
     if cfg.shuffle:
         step = 2 ** _ORDER_BITS / num_shards
         boundaries = [int(step * i) for i in range(1, num_shards)]
-        ds = (ds.map_batches(_order_keys, batch_format="pyarrow", fn_kwargs={"seed": cfg.seed})
+        ds = (ds.map_batches(_order_keys, batch_format="pyarrow", fn_kwargs={"seed": cfg.seed}, **data_args())
               .sort(_ORDER, boundaries=boundaries or None)
               .drop_columns([_ORDER]))
     else:
@@ -127,7 +136,7 @@ def run(cfg: ShardConfig) -> Manifest:
                 starts.append(i << 40)
             total += f.rows
         ds = (ray.data.read_parquet(**inp.ray_read_args(files), include_paths=True)
-              .map_batches(_input_order, batch_format="pyarrow", fn_kwargs={"index_of": index_of})
+              .map_batches(_input_order, batch_format="pyarrow", fn_kwargs={"index_of": index_of}, **data_args())
               .sort(_ORDER, boundaries=starts or None)
               .drop_columns([_ORDER]))
     # Shards live under data/, which this write replaces whole (Ray's OVERWRITE mode, which also lets

@@ -34,6 +34,10 @@ class RayConfig:
     # fixed cost was 20-30 s per groupby on a 2-core machine, against 1-2 s for the pull-based sort
     # shuffle; on large clusters "hash_shuffle" may pay off. null = Ray's default.
     shuffle_strategy: str | None = "sort_shuffle_pull_based"
+    # Custom resources every data-stage task and actor asks for, e.g. {data_node: 0.001}: on a cluster whose
+    # CPU node group advertises `data_node` (cluster/aws.yaml, cluster/kuberay-*.yaml) the data stages then
+    # land only there, while training asks for GPUs and lands on the GPU group. {} = anywhere.
+    data_resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.num_cpus is not None and self.num_cpus < 1:
@@ -41,12 +45,24 @@ class RayConfig:
         allowed = ("sort_shuffle_pull_based", "sort_shuffle_push_based", "hash_shuffle", "shuffle_v2")
         if self.shuffle_strategy is not None and self.shuffle_strategy not in allowed:
             raise ValueError(f"ray.shuffle_strategy must be one of {allowed} or null, got {self.shuffle_strategy!r}")
+        if any(v <= 0 for v in self.data_resources.values()):
+            raise ValueError(f"ray.data_resources amounts must be > 0, got {self.data_resources}")
+
+
+_DATA_RESOURCES: dict[str, float] = {}
+
+
+def data_args() -> dict:
+    """Extra Ray remote args for every data-stage map: the custom resources of RayConfig.data_resources."""
+    return {"resources": dict(_DATA_RESOURCES)} if _DATA_RESOURCES else {}
 
 
 def init_ray(cfg: RayConfig) -> None:
     import ray
     import ray.data
 
+    _DATA_RESOURCES.clear()
+    _DATA_RESOURCES.update(cfg.data_resources)
     if cfg.shuffle_strategy is not None:
         from ray.data.context import ShuffleStrategy
 
@@ -165,7 +181,7 @@ def run_file_parts(items: list[dict[str, Any]], worker_cls: type, ctor: dict[str
 
     results = (ray.data.from_items(items, override_num_blocks=len(items))
                .map_batches(worker_cls, batch_size=1, fn_constructor_kwargs=ctor,
-                            concurrency=max(1, min(workers, len(items))), num_cpus=1)
+                            concurrency=max(1, min(workers, len(items))), num_cpus=1, **data_args())
                .take_all())
     return [PartResult.loads(r["result"]) for r in results]
 

@@ -73,6 +73,8 @@ def build_train_dataset(data_cfg, model_cfg: ClipConfig):
 
     storage, files, _ = committed_files(data_cfg.manifest, data_cfg.s3)
     ds = ray.data.read_parquet(**storage.ray_read_args(files)).select_columns(READ_COLUMNS)
+    if data_cfg.cache_encoded:
+        ds = ds.materialize()
     if data_cfg.shuffle_seed is not None:
         ds = ds.randomize_block_order(seed=data_cfg.shuffle_seed)
     return ds.map_batches(

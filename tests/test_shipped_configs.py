@@ -20,3 +20,12 @@ def test_config_file_loads(name: str) -> None:
     module, cls, overrides = STAGES[name]
     cfg = load_config(getattr(importlib.import_module(module), cls), f"configs/{name}", overrides)
     assert type(cfg).__name__ == cls
+
+
+@pytest.mark.parametrize("name", ["run_tiny.yaml", "demo.yaml", "cluster.yaml"])
+def test_run_config_file_loads(name: str) -> None:
+    from pipelines.run import STAGES, Selection, load_run_config
+
+    cfg = load_run_config(f"configs/{name}")
+    assert cfg.root and cfg.train.model
+    assert Selection(only=STAGES[:1]).selected("crawl")
