@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # multi-GB CUDA build). Override on GPU clusters: make install TORCH_SPEC="torch==2.13.0 --index-url ..."
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-dev demo test clean
+.PHONY: install install-dev system-deps demo test clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,7 +31,16 @@ install-dev: $(VENV)/.installed-dev
 demo: $(VENV)/.installed
 	$(BIN)/python -m pipelines.demo $(ARGS)
 
-test: $(VENV)/.installed-dev
+# Debian packages the tests need: chromium renders the HTML run report (tests/test_report.py).
+# Uses sudo only when not root; fails with a message when neither is possible.
+system-deps:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; \
+	  elif command -v sudo >/dev/null; then SUDO=sudo; \
+	  else echo "system-deps: need root or sudo to apt-get install chromium (or install it yourself)" >&2; exit 1; fi; \
+	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }
+
+test: $(VENV)/.installed-dev system-deps
 	$(BIN)/python -m pytest tests
 
 clean:
