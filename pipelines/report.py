@@ -10,17 +10,21 @@ local file (creating directories) and returns the path. The `report` dict:
     created_at  str                     ISO timestamp of the run
     command     str                     the command line that started the run
     config      dict                    the resolved run config, shown collapsed as pretty JSON
+    error       str | None              why the run failed, shown as a banner at the top
+    wall_s      number | None           the run's wall-clock seconds
     plan        list of dict            one row per stage, in run order:
-                  stage: str, action: "run" | "reuse" | "skip", reason: str, path: str,
-                  fingerprint: str
+                  stage: str, action: "run" | "reuse" | "skip" | "pending", reason: str,
+                  path: str, fingerprint: str  ("pending": a failed run never reached it)
     stages      {stage: manifest dict}  stages that ran or were reused; a stage missing here
-                                        is shown as not run. A manifest dict (as in
+                                        is shown as not run. The data pipeline section and its
+                                        funnel figure leave out "train" and "evaluate" (they
+                                        have their own sections). A manifest dict (as in
                                         pipelines.manifest.Manifest, extra keys ignored):
                   rows_in: int, rows_out: int, rejected: {reason: count},
                   timings: {name: seconds}, files: [{path, rows, bytes}], fingerprint: str,
                   extra: dict
     samples     list of dict            up to MAX_SAMPLES thumbnails:
-                  image: bytes (PNG or JPEG file bytes), caption: str
+                  image: bytes (PNG, JPEG or WebP file bytes), caption: str
     train       dict | None             summary: dict (steps, first_loss, final_loss,
                                         mean_samples_per_s, export, ...),
                                         history: [{step, loss, lr, logit_scale, samples_per_s, ...}]
@@ -51,7 +55,9 @@ matplotlib.use("Agg")  # headless; must precede the pyplot import
 import matplotlib.pyplot as plt  # noqa: E402
 
 MAX_SAMPLES = 48
-PLAN_ACTIONS = ("run", "reuse", "skip")
+PLAN_ACTIONS = ("run", "reuse", "skip", "pending")
+# Stages with their own report sections, not part of the data funnel.
+NON_DATA_STAGES = ("train", "evaluate")
 # Stage order of the pipeline; stages outside this list follow in the order given.
 STAGE_ORDER = ("crawl", "filter", "dedup", "shard", "train", "evaluate")
 
@@ -66,7 +72,9 @@ th{background:#f2f4f8}td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.fp,td.path{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;word-break:break-all}
 .action{font-weight:600;border-radius:4px;padding:1px 8px;display:inline-block}
 .action-run{background:#d7f5dd;color:#11602a}.action-reuse{background:#dbe8ff;color:#1d4d9e}
-.action-skip{background:#eceef2;color:#555}
+.action-skip{background:#eceef2;color:#555}.action-pending{background:#fff1c9;color:#7a5a00}
+.error{background:#fde2e1;border:1px solid #e0a1a0;color:#8a1c1a;padding:10px 14px;border-radius:6px;
+white-space:pre-wrap;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px}
 .notrun{color:#777;font-style:italic;margin:6px 0 14px}
 details{margin:8px 0}pre{background:#f6f8fa;border:1px solid #d8dde6;padding:10px;overflow:auto;font-size:12px}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:12px}
@@ -91,11 +99,13 @@ def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
 
 def _validate(report: Any) -> None:
     _check(report, Mapping, "report", "a dict")
-    for key in ("title", "created_at", "command"):
+    for key in ("title", "created_at", "command", "error"):
         if report.get(key) is not None:
             _check(report[key], str, f"'{key}'", "a str")
     if report.get("config") is not None:
         _check(report["config"], Mapping, "'config'", "a dict")
+    if report.get("wall_s") is not None:
+        _check(report["wall_s"], (int, float), "'wall_s'", "a number")
 
     plan = report.get("plan")
     if plan is not None:
@@ -174,11 +184,14 @@ def _e(value: Any) -> str:
 
 
 def _image_mime(data: bytes, field: str = "image") -> str:
+    """The MIME type from the magic bytes (the shard stage may encode jpg, png or webp)."""
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         return "image/png"
     if data.startswith(b"\xff\xd8\xff"):
         return "image/jpeg"
-    raise ValueError(f"report field {field} is neither PNG nor JPEG (first bytes {data[:8]!r})")
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    raise ValueError(f"report field {field} is not a PNG, JPEG or WebP image (first bytes {data[:12]!r})")
 
 
 def _img(data: bytes, alt: str) -> str:
@@ -240,10 +253,15 @@ def _ordered_stages(report: Mapping[str, Any]) -> list[str]:
 def _header(report: Mapping[str, Any]) -> str:
     title = report.get("title") or "CLIP run report"
     parts = [f"<h1>{_e(title)}</h1>", '<div class="meta">']
-    parts.append(f"<div>created {_e(report.get('created_at') or 'unknown')}</div>")
+    created = f"created {_e(report.get('created_at') or 'unknown')}"
+    if report.get("wall_s") is not None:
+        created += f", wall time {float(report['wall_s']):,.1f} s"
+    parts.append(f"<div>{created}</div>")
     if report.get("command"):
         parts.append(f"<div>command <code>{_e(report['command'])}</code></div>")
     parts.append("</div>")
+    if report.get("error"):
+        parts.append(f'<div class="error" id="error"><b>run failed</b>\n{_e(report["error"])}</div>')
     config = report.get("config")
     if config is None:
         parts.append('<p class="notrun">no config recorded.</p>')
@@ -330,8 +348,8 @@ def _stage_table(name: str, m: Mapping[str, Any]) -> str:
 def _stages(report: Mapping[str, Any]) -> str:
     out = ['<section id="stages"><h2>Data pipeline</h2>']
     stages = report.get("stages") or {}
-    # train and evaluate have their own sections; they join the funnel only if they committed rows.
-    order = [n for n in _ordered_stages(report) if n not in ("train", "evaluate") or stages.get(n)]
+    # train and evaluate have their own sections; their rows (e.g. eval images) are no funnel step.
+    order = [n for n in _ordered_stages(report) if n not in NON_DATA_STAGES]
     png = funnel_png(stages, order)
     if png is None:
         out.append(_not_run("data stages"))

@@ -32,6 +32,8 @@ from pipelines.report import build_report_html, write_report  # noqa: E402
 EVIL = '<script>alert(1)</script> & "quotes"'
 # Bright colours that nothing else on the page uses: the screenshot must contain them.
 COLOURS = [(255, 0, 0), (0, 220, 0), (0, 0, 255), (255, 0, 255), (255, 230, 0), (0, 230, 230)]
+# The shard stage's encode formats (jpg, png, webp): each must embed with its own MIME type.
+SAMPLE_FORMATS = ["PNG", "JPEG", "WEBP"]
 SAMPLE_SIZES = [(96, 64), (64, 96), (80, 80), (120, 60), (50, 100), (100, 75)]
 CHROMIUM_TIMEOUT_S = 120
 
@@ -46,7 +48,8 @@ def _image(colour: tuple[int, int, int], size: tuple[int, int], fmt: str) -> byt
     a[size[1] // 2 - 2 : size[1] // 2 + 2, :] = 255
     a[:, size[0] // 2 - 2 : size[0] // 2 + 2] = 255
     buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    options = {"JPEG": {"quality": 95}, "WEBP": {"lossless": True}}.get(fmt, {})
+    Image.fromarray(a).save(buf, format=fmt, **options)
     return buf.getvalue()
 
 
@@ -74,7 +77,7 @@ def make_report() -> dict:
     filt = _manifest("filter", 800, {"aspect_ratio": 40, "caption_too_short": 110, "nsfw": 5}, 2)
     samples = []
     for i, (colour, size) in enumerate(zip(COLOURS, SAMPLE_SIZES)):
-        samples.append({"image": _image(colour, size, "PNG" if i % 2 == 0 else "JPEG"),
+        samples.append({"image": _image(colour, size, SAMPLE_FORMATS[i % 3]),
                         "caption": EVIL if i == 0 else f"a photo of thing number {i}"})
     history = [{"step": s, "loss": 4.2 * 0.9**s + 0.3, "lr": 1e-3 * min(1.0, (s + 1) / 5), "logit_scale": 14.3 + 0.4 * s,
                 "samples_per_s": 250.0 + s, "data_wait_ms": 3.0} for s in range(1, 21)]
@@ -192,10 +195,10 @@ def test_offline_and_every_image_is_a_data_uri(report_file: Path) -> None:
     assert not re.search(r'(src|href)\s*=\s*["\']?(https?:|//)', text, re.I)
     imgs = [attrs for tag, attrs in page.tags if tag == "img"]
     assert len(imgs) == N_IMAGES
-    mimes = [re.match(r"data:(image/(png|jpeg));base64,[A-Za-z0-9+/=]+$", a["src"]) for a in imgs]
+    mimes = [re.match(r"data:(image/(png|jpeg|webp));base64,[A-Za-z0-9+/=]+$", a["src"]) for a in imgs]
     assert all(mimes), [a["src"][:40] for a in imgs]
     sample_mimes = [m.group(1) for m in mimes[1 : 1 + len(COLOURS)]]  # after the funnel figure
-    assert sample_mimes == ["image/png", "image/jpeg"] * (len(COLOURS) // 2)
+    assert sample_mimes == ["image/png", "image/jpeg", "image/webp"] * (len(COLOURS) // 3)
 
 
 def test_missing_sections_render_not_run(tmp_path: Path) -> None:
@@ -205,6 +208,22 @@ def test_missing_sections_render_not_run(tmp_path: Path) -> None:
     assert "<img" not in text
 
 
+def test_failed_run_as_the_runner_reports_it() -> None:
+    """pipelines.run passes an error, the wall time, "pending" steps and train/evaluate manifests."""
+    report = make_report()
+    report["error"] = "RuntimeError: dedup worker <3> died"
+    report["wall_s"] = 123.4
+    report["plan"].append({"stage": "shard", "action": "pending", "reason": "after a failed stage",
+                           "path": "", "fingerprint": ""})
+    report["stages"]["evaluate"] = _manifest("evaluate", 500, {}, 1)  # rows_out = eval images
+    text = build_report_html(report)
+    assert '<div class="error" id="error"><b>run failed</b>' in text
+    assert "RuntimeError: dedup worker &lt;3&gt; died" in text and "wall time 123.4 s" in text
+    assert 'class="action action-pending"' in text
+    # evaluate's 500 images are not a step of the data funnel: no table, no bar.
+    assert 'id="stage-evaluate"' not in text and "stage shard: not run" in text
+
+
 @pytest.mark.parametrize(
     ("patch", "field"),
     [
@@ -212,6 +231,7 @@ def test_missing_sections_render_not_run(tmp_path: Path) -> None:
         ({"plan": [{"stage": "crawl", "action": "maybe"}]}, "'plan'[0]['action']"),
         ({"stages": {"crawl": {"rows_in": "10"}}}, "'stages'['crawl']['rows_in']"),
         ({"samples": [{"image": b"GIF89a....", "caption": "x"}]}, "'samples'[0]['image']"),
+        ({"error": ValueError("boom")}, "'error'"),
         ({"samples": [{"image": "not bytes"}]}, "'samples'[0]['image']"),
         ({"train": [1, 2]}, "'train'"),
         ({"eval": {"zs": {"results": {}, "plots": {"p": "x.png"}}}}, "'eval'['zs']['plots']['p']"),
@@ -262,7 +282,7 @@ def test_rendered_dom_holds_every_image(report_file: Path) -> None:
     dom = _chromium("--dump-dom", report_file.as_uri()).stdout
     imgs = re.findall(r"<img [^>]*>", dom)
     assert len(imgs) == N_IMAGES
-    assert all(re.search(r'src="data:image/(png|jpeg);base64,', i) for i in imgs)
+    assert all(re.search(r'src="data:image/(png|jpeg|webp);base64,', i) for i in imgs)
     assert html.escape(EVIL, quote=False) in dom  # still text after parsing, never an element
     assert "<script" not in dom
 
