@@ -168,7 +168,7 @@ def run(cfg: DedupStageConfig) -> Manifest:
         return batch.drop_columns(["path"]).append_column("file_idx", pa.array(idx, pa.int64()))
 
     t0 = time.time()
-    keys = (ray.data.read_parquet(**inp.ray_read_args(files), columns=KEY_COLUMNS, include_paths=True)
+    keys = (ray.data.read_parquet(**inp.ray_read_args(files), columns=KEY_COLUMNS, include_paths=True, ray_remote_args=data_args())
             .map_batches(add_file_idx, batch_format="pyarrow", **data_args()))
     drops = plan_dedup(keys, cfg.dedup, eval_index).materialize()
     timings["plan_s"] = round(time.time() - t0, 3)

@@ -82,7 +82,7 @@ def read_eval_set(es: EvalSet):
 
     if es.kind == "imagefolder":
         ds = ray.data.read_binary_files([es.storage.fs_path(f) for f in es.files], filesystem=es.storage.fs,
-                                        include_paths=True)
+                                        include_paths=True, ray_remote_args=data_args())
         label_of = {es.storage.fs_path(f): lab for f, lab in zip(es.files, es.labels)}
 
         def add_labels(batch: pa.Table) -> pa.Table:
@@ -93,7 +93,7 @@ def read_eval_set(es: EvalSet):
         return ds.map_batches(add_labels, batch_format="pyarrow", **data_args())
     image_col, label_col = es.image_col, es.label_col
     paths = [es.storage.fs_path(f) for f in es.files]
-    ds = ray.data.read_parquet(paths, filesystem=es.storage.fs, columns=[image_col, label_col])
+    ds = ray.data.read_parquet(paths, filesystem=es.storage.fs, columns=[image_col, label_col], ray_remote_args=data_args())
     n_classes = len(es.classnames)
 
     def normalise(batch: pa.Table) -> pa.Table:

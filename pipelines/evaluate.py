@@ -317,7 +317,7 @@ def run_retrieval(cfg: EvalConfig, model: Any, tokenizer: Any) -> dict:
         return pa.table({"image": images, "id": pa.array(ids, pa.string()),
                          "caption": pa.array([json.dumps(c) for c in caps], pa.string())})
 
-    ds = ray.data.read_parquet(**es.storage.ray_read_args(es.files)).select_columns([image_col, caption_col])
+    ds = ray.data.read_parquet(**es.storage.ray_read_args(es.files), ray_remote_args=data_args()).select_columns([image_col, caption_col])
     emb = embed(ds.map_batches(rows, batch_format="pyarrow", **data_args()), cfg, with_phash=False)
     texts, owner = [], []
     for i, caps in enumerate(emb.columns["caption"]):
@@ -353,7 +353,7 @@ def overlap_mask(train: tuple[Storage, Manifest], phashes: np.ndarray, radius: i
     if not manifest.files or not len(phashes):
         return mask
     index = build_eval_index({"eval": [int(h) for h in phashes]})
-    hits = (ray.data.read_parquet(**st.ray_read_args(manifest.file_paths())).select_columns(["phash"])
+    hits = (ray.data.read_parquet(**st.ray_read_args(manifest.file_paths()), ray_remote_args=data_args()).select_columns(["phash"])
             .map_batches(_drop_null_phash, batch_format="pyarrow", **data_args())
             .map_batches(_match, batch_format="pyarrow", fn_kwargs={"index": index, "radius": radius}, **data_args())
             .map_batches(_hit_images, batch_format="pyarrow", **data_args()))

@@ -117,7 +117,7 @@ def run(cfg: ShardConfig) -> Manifest:
     ctx.execution_options.preserve_order = True  # deterministic task order -> deterministic names
     per_shard = shard_rows(cfg, in_manifest)
     num_shards = max(1, math.ceil(in_manifest.rows_out / per_shard))
-    ds = ray.data.read_parquet(**inp.ray_read_args(in_manifest.file_paths()))
+    ds = ray.data.read_parquet(**inp.ray_read_args(in_manifest.file_paths()), ray_remote_args=data_args())
     if cfg.shuffle:
         step = 2 ** _ORDER_BITS / num_shards
         boundaries = [int(step * i) for i in range(1, num_shards)]
@@ -135,7 +135,7 @@ def run(cfg: ShardConfig) -> Manifest:
             if i and total >= per_shard * (len(starts) + 1):
                 starts.append(i << 40)
             total += f.rows
-        ds = (ray.data.read_parquet(**inp.ray_read_args(files), include_paths=True)
+        ds = (ray.data.read_parquet(**inp.ray_read_args(files), include_paths=True, ray_remote_args=data_args())
               .map_batches(_input_order, batch_format="pyarrow", fn_kwargs={"index_of": index_of}, **data_args())
               .sort(_ORDER, boundaries=starts or None)
               .drop_columns([_ORDER]))

@@ -18,6 +18,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import ray.data
 
+from .stage import data_args
+
 FORMATS = ("parquet", "csv", "tsv", "jsonl")
 
 
@@ -126,15 +128,14 @@ def read_url_list(cfg: InputConfig, filesystem: pa.fs.FileSystem | None = None,
     gz = any(p.endswith(".gz") for p in paths)
     stream_args = {"compression": "gzip"} if gz else None
     if fmt == "parquet":
-        ds = ray.data.read_parquet(paths, filesystem=filesystem)
-        return ds.map_batches(_normalise, batch_format="pyarrow", fn_kwargs={"cfg": cfg, "source": str(paths)})
+        ds = ray.data.read_parquet(paths, filesystem=filesystem, ray_remote_args=data_args())
+        return ds.map_batches(_normalise, batch_format="pyarrow", fn_kwargs={"cfg": cfg, "source": str(paths)}, **data_args())
     if fmt in ("csv", "tsv"):
         column_types = {cfg.caption_col: pa.binary(), cfg.url_col: pa.string()}
         ds = ray.data.read_csv(
             paths, filesystem=filesystem, arrow_open_stream_args=stream_args,
             parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
-            convert_options=pacsv.ConvertOptions(column_types=column_types),
-        )
-        return ds.map_batches(_normalise, batch_format="pyarrow", fn_kwargs={"cfg": cfg, "source": str(paths)})
-    ds = ray.data.read_binary_files(paths, filesystem=filesystem, include_paths=True)
-    return ds.map_batches(_jsonl_lines, fn_kwargs={"cfg": cfg})
+            convert_options=pacsv.ConvertOptions(column_types=column_types), ray_remote_args=data_args())
+        return ds.map_batches(_normalise, batch_format="pyarrow", fn_kwargs={"cfg": cfg, "source": str(paths)}, **data_args())
+    ds = ray.data.read_binary_files(paths, filesystem=filesystem, include_paths=True, ray_remote_args=data_args())
+    return ds.map_batches(_jsonl_lines, fn_kwargs={"cfg": cfg}, **data_args())
