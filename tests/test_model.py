@@ -41,7 +41,7 @@ def test_all_names_build() -> None:
         get_config("ViT-Z/99")
 
 
-@pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn", "demo-vit", "small-vit"])
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn", "demo-rn", "small-vit"])
 def test_tiny_forward_backward(name: str) -> None:
     torch.manual_seed(0)
     cfg = get_config(name)

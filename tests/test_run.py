@@ -1,0 +1,264 @@
+"""The DAG runner as users run it: `ray job submit` against a running cluster, plan-driven reruns,
+and a run killed midway that, started again, commits what an uninterrupted run commits.
+
+One local head (`ray start --head` on 127.0.0.1, its own temp dir) serves the whole module. Every
+run is a separate driver process on that cluster: a submitted job, or `python -m pipelines.run`
+with RAY_ADDRESS set, the way a user reruns from a head node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.local_web import LocalWebServer, WebContent
+from pipelines.manifest import read_manifest
+from pipelines.run import STAGES, Selection, load_run_config, plan
+from pipelines.storage import Storage
+from pipelines.synthetic import digit_samples, shape_samples
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.timeout(900)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A loopback web of shapes and digits (with duplicates), its URL list and a held-out digits ImageFolder."""
+    work = tmp_path_factory.mktemp("run_data")
+    train = shape_samples(60, px=48, seed=3) + digit_samples("train", px=48, seed=3, limit=30)
+    images = [s.image for s in train] + [s.image for s in train[:4]]
+    captions = [s.caption for s in train] + [s.caption for s in train[:4]]
+    queries = [s.label for s in train] + [s.label for s in train[:4]]
+    for j, s in enumerate(digit_samples("test", px=48, seed=4, limit=40)):
+        d = work / "eval" / "digits" / s.label
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{j:04d}.jpg").write_bytes(s.image)
+    with LocalWebServer(WebContent(images, captions, queries)) as web:
+        urls = work / "urls.parquet"
+        pq.write_table(pa.Table.from_pylist(web.url_list()), urls)
+        yield {"work": work, "urls": str(urls), "eval": str(work / "eval" / "digits"), "rows": len(images)}
+
+
+def _args(data, root: str, *extra: str) -> list[str]:
+    return ["--config", "configs/run_tiny.yaml", f"crawl.input.paths=[{data['urls']}]", f"root={root}",
+            f"evaluate=[{{name: digits, dataset: 'imagefolder:{data['eval']}', templates: simple, overlap: true}}]",
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """`ray start --head --block` on 127.0.0.1 with a dashboard (the job server); stopped at module end."""
+    temp = tempfile.mkdtemp(prefix="rh_", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    gcs, dash = _free_port(), _free_port()
+    # Ray 2.60 clusters use token authentication: the head, `ray job` clients and drivers share one token.
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=6",
+         f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        _wait_for_job_server(proc, url, env, log.name)
+        yield {"dashboard": url, "gcs": f"127.0.0.1:{gcs}", "env": env}
+    finally:  # also when start-up failed: never leave a head behind
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_for_job_server(proc: subprocess.Popen, url: str, env: dict, log: str) -> None:
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        r = subprocess.run([str(BIN / "ray"), "job", "list", "--address", url], env=env, capture_output=True,
+                           text=True)
+        if r.returncode == 0:
+            return
+        assert proc.poll() is None, f"ray start exited: {Path(log).read_text()[-3000:]}"
+        time.sleep(2)
+    raise AssertionError(f"the head's job server did not come up: {r.stderr[-2000:]}\n{Path(log).read_text()[-2000:]}")
+
+
+def _submit(head, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", head["dashboard"], "--working-dir", str(REPO),
+           "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"), "--", "python", "-m", "pipelines.run", *args]
+    return subprocess.run(cmd, cwd=REPO, env=head["env"], capture_output=True, text=True, timeout=timeout)
+
+
+def _driver(head, args: list[str], **kw) -> subprocess.Popen:
+    """`python -m pipelines.run` as a driver on the running cluster (as from a head node's shell)."""
+    env = {**head["env"], "RAY_ADDRESS": head["gcs"]}
+    return subprocess.Popen([sys.executable, "-m", "pipelines.run", *args], cwd=REPO, env=env,
+                            start_new_session=True, text=True, **kw)
+
+
+def _committed(root: str) -> dict[str, dict]:
+    """stage -> {dir, fingerprint, manifest, files} for the stage directories of the latest finished run
+    (root/_last_run.json) that hold a manifest. Older outputs (other fingerprints) stay beside them."""
+    dirs = json.loads(Path(root, "_last_run.json").read_text())["dirs"]
+    out = {}
+    for stage, path in dirs.items():
+        m = read_manifest(Storage.from_uri(path), "")
+        if m is not None:
+            out[stage] = {"dir": path.rsplit("/", 1)[-1], "fingerprint": m.fingerprint, "manifest": m,
+                          "files": [(f.path, f.rows, f.bytes) for f in m.files]}
+    return out
+
+
+@pytest.fixture(scope="module")
+def submitted(head, data, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("submitted") / "root")
+    t0 = time.time()
+    r = _submit(head, _args(data, root))
+    return {"root": root, "proc": r, "wall_s": time.time() - t0}
+
+
+def test_job_submit_runs_the_whole_dag(submitted, data):
+    r = submitted["proc"]
+    assert r.returncode == 0, f"job failed:\n{r.stdout[-6000:]}\n{r.stderr[-3000:]}"
+    assert "succeeded" in (r.stdout + r.stderr).lower()
+    # The driver's output streams back: the plan, each stage's funnel, the summary.
+    assert "plan:" in r.stdout and "stage crawl" in r.stdout and "run finished" in r.stdout
+    done = _committed(submitted["root"])
+    assert set(done) == set(STAGES)
+    crawl = done["crawl"]["manifest"]
+    assert crawl.rows_in == data["rows"] and crawl.rows_out == data["rows"]
+    dedup = done["dedup"]["manifest"]
+    assert dedup.rejected.get("exact_dup_image") == 4  # the four planted byte copies
+    assert done["shard"]["manifest"].rows_out == dedup.rows_out
+    train = done["train"]["manifest"]
+    assert train.extra["summary"]["steps"] == 4 and any(p.startswith("export/") for p, _, _ in done["train"]["files"])
+    results = json.loads(Path(submitted["root"], "evaluate", done["evaluate"]["dir"], "digits", "results.json").read_text())
+    assert results["n"] == 40 and 0.0 <= results["top1"] <= 1.0 and "overlap" in results
+    # Each output sits under its own fingerprint.
+    for stage, d in done.items():
+        assert d["dir"] == d["fingerprint"][:16]
+    report = Path(submitted["root"], "report.html").read_text()
+    assert "<img" in report and "digits" in report
+
+
+def test_job_submit_broken_config_fails_with_a_clear_message(head, data, tmp_path):
+    r = _submit(head, _args(data, str(tmp_path / "root"), "train.bogus_key=1"), timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert "failed" in out.lower()
+    assert "unknown key train.bogus_key" in out
+
+
+def test_plan_reuses_and_reruns_by_fingerprint(submitted, data, head):
+    root = submitted["root"]
+    cfg = load_run_config("configs/run_tiny.yaml", _args(data, root)[2:])
+    assert [s.action for s in plan(cfg, Selection())] == ["reuse"] * 6
+    # A shard setting changed: upstream reused, shard runs in a new directory, downstream waits on it.
+    changed = load_run_config("configs/run_tiny.yaml", _args(data, root, "shard.seed=7")[2:])
+    steps = {s.stage: s for s in plan(changed, Selection())}
+    assert [steps[s].action for s in STAGES] == ["reuse", "reuse", "reuse", "run", "pending", "pending"]
+    assert "config or input changed" in steps["shard"].reason
+    # --only train cannot run on shards this config has not made.
+    with pytest.raises(ValueError, match="shard is needed by a selected stage but is not committed"):
+        plan(changed, Selection(only=("train",)))
+    # --from dedup recomputes dedup and everything after; --force filter recomputes filter only.
+    assert [s.action for s in plan(cfg, Selection(from_="dedup"))] == ["reuse", "reuse", "run"] + ["pending"] * 3
+    assert [s.action for s in plan(cfg, Selection(force=("filter",)))] == ["reuse", "run"] + ["pending"] * 4
+    # --only evaluate: every stage before it must be committed (they locate its input), none runs.
+    assert [s.action for s in plan(cfg, Selection(only=("evaluate",)))] == ["reuse"] * 6
+    assert [s.action for s in plan(cfg, Selection(only=("crawl",)))] == ["reuse"] + ["skip"] * 5
+    with pytest.raises(ValueError, match="unknown stage"):
+        Selection(only=("sharding",))
+    # The CLI prints the same plan and does nothing with --dry-run.
+    before = _committed(root)
+    p = _driver(head, _args(data, root, "shard.seed=7", "--dry-run"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert "shard     run" in out and "pending" in out
+    assert _committed(root) == before
+
+
+def test_forced_stage_recomputes_and_identical_output_keeps_downstream(submitted, data, head):
+    root = submitted["root"]
+    before = _committed(root)
+    p = _driver(head, _args(data, root, "--force", "dedup"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out[-5000:]
+    after = _committed(root)
+    # dedup ran again (a new manifest) and committed the same files; so nothing downstream reran.
+    assert after["dedup"]["manifest"].created_at >= before["dedup"]["manifest"].created_at
+    assert "== dedup: forced" in out
+    for stage in ("shard", "train", "evaluate"):
+        assert f"== {stage}: reused" in out
+    assert {s: d["files"] for s, d in after.items()} == {s: d["files"] for s, d in before.items()}
+
+
+def test_run_killed_in_training_resumes_to_the_same_committed_outputs(submitted, data, head):
+    """SIGKILL the driver once a forced retraining has started; the rerun (no --force) sees the
+    interrupted run, finishes it and ends with the stages and files of the uninterrupted run.
+    (Data stages killed midway are covered by their own kill-and-rerun tests.)"""
+    root = submitted["root"]
+    before = _committed(root)
+    train_dir = Path(root, "train", before["train"]["dir"])
+    p = _driver(head, _args(data, root, "--force", "train"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if train_dir.is_dir() and any(train_dir.iterdir()) and not (train_dir / "_manifest.json").exists():
+            break
+        time.sleep(0.2)
+    assert p.poll() is None, "the run ended before it could be killed in training"
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert "train" not in _committed(root)
+    cfg = load_run_config("configs/run_tiny.yaml", _args(data, root)[2:])
+    steps = {s.stage: s for s in plan(cfg, Selection())}
+    assert [steps[s].action for s in STAGES] == ["reuse"] * 4 + ["run", "pending"]
+    assert "interrupted" in steps["train"].reason
+    rerun = _driver(head, _args(data, root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out[-5000:]
+    after = _committed(root)
+    assert set(after) == set(STAGES)
+    assert all(after[s]["dir"] == before[s]["dir"] for s in STAGES[:5])
+    for stage in ("crawl", "filter", "dedup", "shard"):
+        assert after[stage]["files"] == before[stage]["files"], stage
+    assert after["train"]["manifest"].extra["summary"]["steps"] == 4
+    for stage in ("train", "evaluate"):
+        assert [p for p, _, _ in after[stage]["files"]] == [p for p, _, _ in before[stage]["files"]], stage
+    # Evaluation follows the weights: reused only if the retrained model is bit-identical.
+    same = after["train"]["manifest"].extra["model_sha256"] == before["train"]["manifest"].extra["model_sha256"]
+    assert ("== evaluate: reused" in out) == same
+    assert (after["evaluate"]["dir"] == before["evaluate"]["dir"]) == same
+
+
+def test_config_errors_name_the_key(data, tmp_path):
+    with pytest.raises(ValueError, match="dedup.output.path .* is set by the runner"):
+        load_run_config("configs/run_tiny.yaml", _args(data, str(tmp_path), "dedup.output.path=/elsewhere")[2:])
+    with pytest.raises(ValueError, match="unknown key dedup.dedup.hamming"):
+        load_run_config("configs/run_tiny.yaml", _args(data, str(tmp_path), "dedup.dedup.hamming=3")[2:])
+    with pytest.raises(ValueError, match="evaluate job names must be unique"):
+        load_run_config("configs/run_tiny.yaml", _args(data, str(tmp_path))[2:-1] + [
+            "evaluate=[{name: a, dataset: 'imagefolder:x'}, {name: a, dataset: 'imagefolder:y'}]"])
