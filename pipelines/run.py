@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import os
 import re
@@ -309,10 +308,11 @@ def format_plan(steps: list[Step], title: str = "plan") -> str:
 
 
 def run_pipeline(cfg: RunConfig, sel: Selection = Selection(), dry_run: bool = False,
-                 command: str = "") -> dict[str, Any]:
-    """Run the DAG; returns {"plan": [...], "dirs": {stage: path}, "report": uri, ...}."""
+                 command: str = "", initial: list[Step] | None = None) -> dict[str, Any]:
+    """Run the DAG; returns {"plan": [...], "dirs": {stage: path}, "report": uri, ...}.
+    `initial`: the plan if the caller already computed it (the CLI does, to report its errors)."""
     started = time.time()
-    initial = plan(cfg, sel)
+    initial = initial if initial is not None else plan(cfg, sel)
     print(format_plan(initial), flush=True)
     if dry_run:
         return {"plan": [dataclasses.asdict(s) for s in initial], "dirs": {s.stage: s.path for s in initial if s.path}}
@@ -372,11 +372,10 @@ def _train(cfg: RunConfig, dirs: dict[str, str], step: Step) -> dict[str, Any]:
     out = Storage.from_uri(step.path, cfg.s3)
     files = [{"path": p, "rows": 0, "bytes": out.size(p)}
              for p in sorted(out.list("export")) + ["summary.json", "metrics.jsonl"]]
-    model_sha = hashlib.sha256(out.read_bytes("export/model.pt")).hexdigest()
     write_manifest(out, "", Manifest(stage="train", fingerprint=step.fingerprint, files=files, rows_in=shard.rows_out,
                                      rows_out=shard.rows_out, config=to_dict(tcfg),
                                      timings={"total_s": summary.get("driver_wall_s", 0.0)},
-                                     extra={"summary": summary, "model_sha256": model_sha}))
+                                     extra={"summary": summary, "model_sha256": summary["model_sha256"]}))
     return summary
 
 
@@ -490,12 +489,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_run_config(args.config, args.overrides)
         sel = Selection(_stages(args.only), args.from_, tuple(s for f in args.force for s in _stages(f)))
-        plan(cfg, sel)  # selection and input errors surface here, before any work
+        initial = plan(cfg, sel)  # selection and input errors surface here, before any work
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"pipelines.run: error: {err}", file=sys.stderr, flush=True)
         return 2
     # A failing stage raises with its traceback (the exit status is then 1); the report is written first.
-    run_pipeline(cfg, sel, dry_run=args.dry_run, command=" ".join(["python -m pipelines.run", *argv]))
+    run_pipeline(cfg, sel, dry_run=args.dry_run, command=" ".join(["python -m pipelines.run", *argv]),
+                 initial=initial)
     return 0
 
 

@@ -7,6 +7,7 @@ averaging yields exactly the gradient of the loss over the global batch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -365,18 +366,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def _finish(engine, cfg: TrainConfig, state: ckpt_io.TrainState, rank: int, tb_dir: str | None) -> None:
     """Export the fp32 weights in OpenAI's layout + tokenizer + config, and the run summary."""
-    from clip_model.export import save_export
+    from clip_model.export import MODEL_FILE, save_export
 
     weights = full_fp32_state(engine)  # collective
     if rank != 0:
         return
     storage = run_dir(cfg)
     local = tempfile.mkdtemp(prefix="export_")
+    hashes = {}
     try:
         save_export(engine.module.clip, local, tokenizer=load_tokenizer(), state_dict=weights)
         for name in sorted(os.listdir(local)):
             with open(os.path.join(local, name), "rb") as f:
-                storage.write_bytes(f"export/{name}", f.read())
+                data = f.read()
+            hashes[name] = hashlib.sha256(data).hexdigest()
+            storage.write_bytes(f"export/{name}", data)
     finally:
         shutil.rmtree(local, ignore_errors=True)
     if tb_dir and storage.uri("").startswith("s3://"):
@@ -395,6 +399,8 @@ def _finish(engine, cfg: TrainConfig, state: ckpt_io.TrainState, rank: int, tb_d
         "mean_samples_per_s": cfg.global_batch_size * len(timed) / sum(h["step_s"] for h in timed) if timed else None,
         "mean_data_wait_ms": float(np.mean([h["data_wait_ms"] for h in timed])) if timed else None,
         "resumes": state.resumes, "export": storage.uri("export"),
+        # Identifies the weights (keys evaluation in pipelines.run) without reading the export back.
+        "model_sha256": hashes.get(MODEL_FILE),
     }
     storage.write_bytes("summary.json", json.dumps(summary, indent=2).encode())
     print(f"[train] done: {json.dumps(summary)}", flush=True)
