@@ -41,7 +41,7 @@ system-deps:
 	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }
 
 test: $(VENV)/.installed-dev system-deps
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=15
 
 clean:
 	rm -rf $(VENV)

@@ -69,7 +69,7 @@ def _args(data, root: str, *extra: str) -> list[str]:
 def head(tmp_path_factory):
     """`ray start --head --block` on 127.0.0.1 with a dashboard (the job server); stopped at module end."""
     temp = tempfile.mkdtemp(prefix="rh_", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash, agent_http, agent_grpc, env_agent, metrics = (_free_port() for _ in range(6))
     # Ray 2.60 clusters use token authentication: the head, `ray job` clients and drivers share one token.
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
@@ -78,11 +78,16 @@ def head(tmp_path_factory):
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=6",
+         # Every agent port explicit: the defaults are fixed numbers (the dashboard agent's 52365), and a Ray
+         # started earlier in the same test session (ray.init in the stage tests) already holds them, so this
+         # head's agent never comes up and every submission answers "No available agent".
+         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
          f"--temp-dir={temp}", "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     try:
-        _wait_for_job_server(proc, url, env, log.name)
+        _wait_for_job_server(proc, url, env, log.name, temp)
         yield {"dashboard": url, "gcs": f"127.0.0.1:{gcs}", "env": env}
     finally:  # also when start-up failed: never leave a head behind
         os.killpg(proc.pid, signal.SIGTERM)
@@ -94,29 +99,26 @@ def head(tmp_path_factory):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _wait_for_job_server(proc: subprocess.Popen, url: str, env: dict, log: str) -> None:
-    deadline = time.time() + 120
+def _wait_for_job_server(proc: subprocess.Popen, url: str, env: dict, log: str, temp: str) -> None:
+    """Ready = a trivial job runs to SUCCEEDED (the job server answers before the node's agent registers)."""
+    deadline = time.time() + 180
     while time.time() < deadline:
-        r = subprocess.run([str(BIN / "ray"), "job", "list", "--address", url], env=env, capture_output=True,
-                           text=True)
+        r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", url, "--", "python", "-c", "pass"],
+                           env=env, capture_output=True, text=True, timeout=120)
         if r.returncode == 0:
             return
         assert proc.poll() is None, f"ray start exited: {Path(log).read_text()[-3000:]}"
         time.sleep(2)
-    raise AssertionError(f"the head's job server did not come up: {r.stderr[-2000:]}\n{Path(log).read_text()[-2000:]}")
+    agent_logs = "\n".join(f"== {p}\n{p.read_text(errors='replace')[-1500:]}"
+                           for p in Path(temp).glob("session_latest/logs/dashboard_agent*"))
+    raise AssertionError(f"the head never ran a job: {r.stdout[-1000:]}{r.stderr[-2000:]}\n"
+                         f"{Path(log).read_text()[-2000:]}\n{agent_logs}")
 
 
 def _submit(head, args: list[str], timeout: float = 1200) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "ray"), "job", "submit", "--address", head["dashboard"], "--working-dir", str(REPO),
            "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"), "--", "python", "-m", "pipelines.run", *args]
-    for _ in range(30):
-        r = subprocess.run(cmd, cwd=REPO, env=head["env"], capture_output=True, text=True, timeout=timeout)
-        # A fresh head answers `ray job list` before its node agent has registered; Ray's own message
-        # says to try again. Anything else (including a failed job) is returned as is.
-        if "No available agent to submit job" not in r.stderr:
-            return r
-        time.sleep(5)
-    return r
+    return subprocess.run(cmd, cwd=REPO, env=head["env"], capture_output=True, text=True, timeout=timeout)
 
 
 def _driver(head, args: list[str], **kw) -> subprocess.Popen:
