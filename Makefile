@@ -17,6 +17,10 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -e .
 	touch $@
 
+$(VENV)/.installed-demo: $(VENV)/.installed
+	$(BIN)/pip install -e '.[demo]'
+	touch $@
+
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/pip install -e '.[dev]'
 	# OpenAI's CLIP and open_clip, used only by the tests as independent reference implementations.
@@ -28,7 +32,7 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.installed-demo
 	$(BIN)/python -m pipelines.demo $(ARGS)
 
 # Debian packages the tests need: chromium renders the HTML run report (tests/test_report.py).

