@@ -79,7 +79,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(body)
+            try:
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the crawler hung up on purpose (too-big route, deadline): not a server error
 
     def do_GET(self) -> None:  # noqa: N802
         web = self.server.owner
