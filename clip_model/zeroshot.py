@@ -81,6 +81,9 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
         "top5": float(correct[5].float().mean()),
         "mean_per_class": float(per_class[confusion.sum(axis=1) > 0].mean()) if confusion.sum() else 0.0,
         "per_class": per_class.tolist(),
+        # Eval images per class: a class named in the label space but absent from the set has support 0
+        # (its per_class entry is 0.0 by convention; tables and plots leave it out).
+        "support": confusion.sum(axis=1).tolist(),
         "confusion": confusion.tolist(),
         "n": int(labels.numel()),
     }

@@ -93,7 +93,8 @@ def read_eval_set(es: EvalSet):
         return ds.map_batches(add_labels, batch_format="pyarrow", **data_args())
     image_col, label_col = es.image_col, es.label_col
     paths = [es.storage.fs_path(f) for f in es.files]
-    ds = ray.data.read_parquet(paths, filesystem=es.storage.fs, columns=[image_col, label_col], ray_remote_args=data_args())
+    ds = (ray.data.read_parquet(paths, filesystem=es.storage.fs, ray_remote_args=data_args())
+          .select_columns([image_col, label_col]))
     n_classes = len(es.classnames)
 
     def normalise(batch: pa.Table) -> pa.Table:

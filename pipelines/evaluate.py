@@ -271,7 +271,7 @@ def run_zeroshot(emb: Embedded, model: Any, tokenizer: Any, classnames: list[str
         correct = logits.argmax(dim=1) == labels
     chosen = modes["ensemble"]
     results = {"top1": chosen["top1"], "top5": chosen["top5"], "mean_per_class": chosen["mean_per_class"],
-               "per_class": chosen["per_class"], "confusion": chosen["confusion"],
+               "per_class": chosen["per_class"], "support": chosen["support"], "confusion": chosen["confusion"],
                "modes": modes}
     return results, correct
 
@@ -460,10 +460,19 @@ def _plots(results: dict, output: str) -> list[str]:
 
     names = results["classnames"]
     title = f"{results['task']} on {os.path.basename(results['dataset'].rstrip('/'))}"
-    per_class = ({m: list(r["per_class"].values()) for m, r in results["modes"].items()} if "modes" in results
-                 else {results["task"]: list(results["per_class"].values())})
+    present = _present_classes(results)
+    per_class = ({m: [r["per_class"][c] for c in present] for m, r in results["modes"].items()} if "modes" in results
+                 else {results["task"]: [results["per_class"][c] for c in present]})
     return [confusion_png(results["confusion"], names, os.path.join(output, "confusion.png"), title),
-            per_class_png(per_class, names, os.path.join(output, "per_class_accuracy.png"), title)]
+            per_class_png(per_class, present, os.path.join(output, "per_class_accuracy.png"), title)]
+
+
+def _present_classes(results: dict) -> list[str]:
+    """Class names that have eval images (a label space may name more classes than the set holds)."""
+    support = results.get("support")
+    if support is None:  # results written before `support` existed
+        return list(results["classnames"])
+    return [c for c, n in zip(results["classnames"], support) if n > 0]
 
 
 def format_table(results: dict) -> str:
@@ -481,9 +490,12 @@ def format_table(results: dict) -> str:
     if "probe" in results:
         p = results["probe"]
         lines.append(f"  best C {p['best_C']:.4g} (train {p['n_fit']} / val {p['n_val']} / test {p['n_test']})")
-    if "modes" in results and len(results["classnames"]) <= 60:
-        lines.append(f"  {'class':<24} {'single':>7} {'ensemble':>9}")
-        for name in results["classnames"]:
+    present = _present_classes(results)
+    if "modes" in results and len(present) <= 60:
+        absent = len(results["classnames"]) - len(present)
+        lines.append(f"  {'class':<24} {'single':>7} {'ensemble':>9}"
+                     + (f"   ({absent} more classes in the label space, no images)" if absent else ""))
+        for name in present:
             lines.append(f"  {name[:24]:<24} {results['modes']['single']['per_class'][name]:7.1%} "
                          f"{results['modes']['ensemble']['per_class'][name]:9.1%}")
     if "overlap" in results:

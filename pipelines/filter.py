@@ -76,7 +76,8 @@ def compute_query_cutoffs(inp: Storage, manifest: Manifest, rules: FilterConfig)
     import ray.data
 
     columns = ["key", "query", "caption", "width", "height", "original_width", "original_height"]
-    keys = (ray.data.read_parquet(**inp.ray_read_args(manifest.file_paths()), columns=columns, ray_remote_args=data_args())
+    keys = (ray.data.read_parquet(**inp.ray_read_args(manifest.file_paths()), ray_remote_args=data_args())
+            .select_columns(columns)
             .map_batches(_passing_rules, batch_format="pyarrow", fn_kwargs={"rules": rules}, **data_args()))
     rows = keys.groupby("query").map_groups(_query_cutoffs, batch_format="pyarrow",
                                             fn_kwargs={"cap": rules.max_per_query}, **data_args()).take_all()

@@ -293,3 +293,34 @@ def test_cli_runs_and_agrees_with_in_process(ray_local, work, tiny, folder) -> N
     # "simple" is the single template: both modes equal the direct computation.
     assert res["top1"] == pytest.approx(want["top1"])
     assert res["modes"]["ensemble"]["confusion"] == res["modes"]["single"]["confusion"] == want["confusion"]
+
+
+def test_parquet_set_in_a_wider_label_space(ray_local, work, tiny, folder, templates_file) -> None:
+    """The demo's compositional test: images of 4 classes scored against 6 names (2 decoys with no images).
+    The rigged images land on the decoy 'purple star' for one class: those count as wrong, and the table and
+    per-class plot list only the classes that have images."""
+    _, model, tok = tiny
+    _, paths, labels = folder
+    images = [Path(p).read_bytes() for p in paths]
+    names = CLASSES_SORTED + ["purple star", "orange ring"]
+    (work / "wide_names.json").write_text(json.dumps(names))
+    w = build_classifier(model.encode_text, _tokenize(model, tok), names, TEMPLATES)  # D, 6
+    target = np.where(labels == 0, 4, labels)  # class 0's images embed onto the decoy 'purple star'
+    save_export(_rig(model, images, w[:, target].T), str(work / "rigged_wide"), tok)
+    path = work / "wide.parquet"
+    pq.write_table(pa.table({"image": images, "label": pa.array(labels, pa.int64())}), path)
+
+    out = work / "wide_out"
+    res = evaluate(EvalConfig(checkpoint=str(work / "rigged_wide"), dataset=f"parquet:{path}", output=str(out),
+                              classnames=str(work / "wide_names.json"), templates=templates_file, workers=1))
+    assert res["classnames"] == names and res["n"] == len(images)
+    assert res["support"] == [PER_CLASS] * 4 + [0, 0]
+    assert res["top1"] == pytest.approx(0.75)  # class 0 (a quarter of the images) answered with a decoy
+    assert res["per_class"][names[0]] == 0.0 and res["per_class"][names[1]] == 1.0
+    assert res["confusion"][0][4] == PER_CLASS
+    from pipelines.evaluate import format_table
+
+    table = format_table(res)
+    assert "(2 more classes in the label space, no images)" in table
+    assert "purple star" not in table and names[0] in table
+    assert (out / "per_class_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
