@@ -1,6 +1,6 @@
 """`make demo`: the paper end to end at laptop scale, on embedded services.
 
-    python -m pipelines.demo [key=value ...]   e.g. storage=local shapes=1200 workdir=demo_out train.epochs=10
+    python -m pipelines.demo [key=value ...]   e.g. storage=local shapes=2000 workdir=demo_out train.epochs=10
 
 (keys of DemoConfig below; any other key overrides the run config, configs/demo.yaml)
 
@@ -38,7 +38,7 @@ class DemoConfig:
     # "s3": shards, checkpoints and the export on a local SeaweedFS server (the cluster path); "local": disk.
     storage: str = "s3"
     # Training images: coloured shapes (over the non-held-out colour-shape pairs) and digits (train split).
-    shapes: int = 1200
+    shapes: int = 4000
     digits: bool = True
     # Planted copies that dedup must find: exact byte copies and re-encoded/resized near-duplicates.
     planted_duplicates: int = 120
@@ -78,18 +78,32 @@ def build_web_content(cfg: DemoConfig, eval_dir: str) -> WebContent:
         images.append(train[i].image if exact else _near_copy(train[i].image, rng))
         captions.append(train[i].caption if exact else f"{train[i].caption} (reposted)")
         queries.append(train[i].label)
-    # Held-out eval sets, written as ImageFolders: shapes (seen and never-seen colour-shape pairs) and digits.
-    held = shape_samples(cfg.eval_per_class * len(shape_classnames(True)), px=cfg.image_px, seed=cfg.seed + 1,
-                         held_out=True)
-    seen = shape_samples(cfg.eval_per_class * 8, px=cfg.image_px, seed=cfg.seed + 2)
+    # Held-out eval sets. Shapes: Parquet sets labelled in the full label space of all colour-shape pairs, so
+    # a never-seen pair (a red triangle) must beat every seen neighbour ("red square", "orange triangle"), not
+    # only the other held-out pairs. Digits: an ImageFolder (also the set dedup decontaminates against).
+    names = shape_classnames()
+    held = shape_samples(2 * cfg.eval_per_class * len(shape_classnames(True)), px=cfg.image_px,
+                         seed=cfg.seed + 1, held_out=True)
+    seen = shape_samples(cfg.eval_per_class * (len(names) - len(shape_classnames(True))), px=cfg.image_px,
+                         seed=cfg.seed + 2)
+    os.makedirs(eval_dir, exist_ok=True)
+    with open(os.path.join(eval_dir, "shape_classnames.json"), "w") as f:
+        json.dump(names, f)
+    # The same never-seen pairs scored among themselves only (4 names: colour alone can tell them apart).
+    held_names = shape_classnames(True)
+    with open(os.path.join(eval_dir, "shape_classnames_unseen.json"), "w") as f:
+        json.dump(held_names, f)
+    for name, samples, label_space in (("shapes_unseen_pairs", held, names), ("shapes_seen_pairs", seen, names),
+                                       ("shapes_unseen_pairs_4way", held, held_names)):
+        pq.write_table(pa.table({"image": pa.array([s.image for s in samples], pa.binary()),
+                                 "label": pa.array([label_space.index(s.label) for s in samples], pa.int64())}),
+                       os.path.join(eval_dir, f"{name}.parquet"))
     digits_test = digit_samples("test", px=cfg.image_px, seed=cfg.seed + 3)
-    sets = {"shapes_unseen_pairs": held, "shapes_seen_pairs": seen, "digits": digits_test}
-    for name, samples in sets.items():
-        for j, s in enumerate(samples):
-            d = os.path.join(eval_dir, name, s.label.replace(" ", "_"))
-            os.makedirs(d, exist_ok=True)
-            with open(os.path.join(d, f"{j:05d}.jpg"), "wb") as f:
-                f.write(s.image)
+    for j, s in enumerate(digits_test):
+        d = os.path.join(eval_dir, "digits", s.label)
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f"{j:05d}.jpg"), "wb") as f:
+            f.write(s.image)
     # Contamination the dedup stage must remove (paper section 5): a few eval digits crawled as training data.
     for s in digits_test[:15]:
         images.append(s.image)
@@ -138,12 +152,18 @@ def _run(cfg: DemoConfig, run_args: list[str], work: str, s3, started: float) ->
     content = build_web_content(cfg, os.path.join(work, "eval"))
     root = s3.uri("run") if s3 else os.path.join(work, "stages")
     jobs = []
-    for name, templates in (("shapes_unseen_pairs", SHAPE_TEMPLATES), ("shapes_seen_pairs", SHAPE_TEMPLATES),
-                            ("digits", DIGIT_TEMPLATES)):
+    shape_names = f"{work}/eval/shape_classnames.json"
+    for name, dataset, templates, classnames in (
+            ("shapes_unseen_pairs", f"parquet:{work}/eval/shapes_unseen_pairs.parquet", SHAPE_TEMPLATES, shape_names),
+            ("shapes_seen_pairs", f"parquet:{work}/eval/shapes_seen_pairs.parquet", SHAPE_TEMPLATES, shape_names),
+            ("shapes_unseen_pairs_4way", f"parquet:{work}/eval/shapes_unseen_pairs_4way.parquet", SHAPE_TEMPLATES,
+             f"{work}/eval/shape_classnames_unseen.json"),
+            ("digits", f"imagefolder:{work}/eval/digits", DIGIT_TEMPLATES, None)):
         tfile = os.path.join(work, f"templates_{name}.json")
         with open(tfile, "w") as f:
             json.dump(templates, f)
-        jobs.append(f"{{name: {name}, dataset: 'imagefolder:{work}/eval/{name}', templates: '{tfile}'}}")
+        jobs.append(f"{{name: {name}, dataset: '{dataset}', templates: '{tfile}'"
+                    + (f", classnames: '{classnames}'}}" if classnames else "}"))
     with LocalWebServer(content) as web:
         url_list = os.path.join(work, "urls.parquet")
         pq.write_table(pa.Table.from_pylist(web.url_list(hostile=True)), url_list)
