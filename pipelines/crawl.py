@@ -146,13 +146,17 @@ def _is_file(st: Storage) -> bool:
 
 def _prepare(cfg: CrawlConfig):
     fs, paths = _resolve_inputs(cfg)
-    sizes = [fs.get_file_info(p).size for p in paths]
-    fp = fingerprint(STAGE, {**_fingerprint_config(cfg), "input_files": [f"{p}:{s}" for p, s in zip(paths, sizes)]})
+    # Path, size and modification time, as make decides: an edited list reruns the crawl even when its size
+    # is unchanged (a URL swapped for one of equal length), without reading lists that may be gigabytes.
+    infos = [fs.get_file_info(p) for p in paths]
+    fp = fingerprint(STAGE, {**_fingerprint_config(cfg),
+                             "input_files": [f"{p}:{i.size}:{i.mtime_ns}" for p, i in zip(paths, infos)]})
     return fs, paths, fp
 
 
 def fingerprint_of(cfg: CrawlConfig) -> str:
-    """What run(cfg) would commit under: the settings that shape the result and the URL lists (path, size)."""
+    """What run(cfg) would commit under: the settings that shape the result and the URL lists (path, size,
+    modification time)."""
     return _prepare(cfg)[2]
 
 

@@ -145,3 +145,20 @@ def test_crawl_killed_midway_resumes_to_the_same_keys(tmp_path) -> None:
     keys = committed_keys(killed)
     assert len(keys) == len(set(keys)) == 160
     assert sorted(keys) == sorted(committed_keys(clean))
+
+
+def test_fingerprint_follows_url_list_edits_of_equal_size(tmp_path) -> None:
+    """A URL swapped for one of the same length leaves the list's size unchanged; the crawl must still rerun."""
+    from pipelines.crawl import fingerprint_of
+
+    path = str(tmp_path / "urls.csv")
+    write_list([{"url": "http://127.0.0.1:9/img/1.jpg", "caption": "a", "query": "q"}], path, "csv")
+    cfg = crawl_config([path], str(tmp_path / "out"))
+    before = fingerprint_of(cfg)
+    assert fingerprint_of(cfg) == before  # untouched: reused
+    size = os.path.getsize(path)
+    st = os.stat(path)
+    write_list([{"url": "http://127.0.0.1:9/img/2.jpg", "caption": "a", "query": "q"}], path, "csv")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a distinct mtime even on coarse clocks
+    assert os.path.getsize(path) == size
+    assert fingerprint_of(cfg) != before
