@@ -43,6 +43,9 @@ class DemoConfig:
     # Planted copies that dedup must find: exact byte copies and re-encoded/resized near-duplicates.
     planted_duplicates: int = 120
     image_px: int = 64
+    # The web server's port. Fixed, so a rerun writes the same URL list and reuses every finished stage
+    # (change a train key and only train and evaluate run again); 0 takes any free port.
+    web_port: int = 18573
     # Held-out evaluation images per shape class.
     eval_per_class: int = 10
     seed: int = 0
@@ -112,6 +115,28 @@ def build_web_content(cfg: DemoConfig, eval_dir: str) -> WebContent:
     return WebContent(images, captions, queries)
 
 
+def _web_server(content: WebContent, port: int) -> LocalWebServer:
+    try:
+        return LocalWebServer(content, port=port)
+    except OSError as e:
+        print(f"demo: web_port {port} is not free ({e.strerror}); serving on a free port instead, so this run's "
+              f"URL list differs from earlier runs' and the crawl and everything after it run again", flush=True)
+        return LocalWebServer(content, port=0)
+
+
+def _write_if_changed(path: str, table: pa.Table) -> None:
+    """Write the URL list only when its bytes change: the crawl's fingerprint includes its modification time."""
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    data = buf.getvalue().to_pybytes()
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            if f.read() == data:
+                return
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
     """key=value pairs for DemoConfig, and the rest for the run config (train.epochs=10, ...)."""
     own = {f.name for f in dataclasses.fields(DemoConfig)}
@@ -164,9 +189,9 @@ def _run(cfg: DemoConfig, run_args: list[str], work: str, s3, started: float) ->
             json.dump(templates, f)
         jobs.append(f"{{name: {name}, dataset: '{dataset}', templates: '{tfile}'"
                     + (f", classnames: '{classnames}'}}" if classnames else "}"))
-    with LocalWebServer(content) as web:
+    with _web_server(content, cfg.web_port) as web:
         url_list = os.path.join(work, "urls.parquet")
-        pq.write_table(pa.Table.from_pylist(web.url_list(hostile=True)), url_list)
+        _write_if_changed(url_list, pa.Table.from_pylist(web.url_list(hostile=True)))
         print(f"demo: {len(content.images)} images served at {web.base_url}; URL list {url_list}", flush=True)
         overrides = [
             f"root={root}", f"crawl.input.paths=[{url_list}]", f"report.path={work}/report.html",
@@ -183,6 +208,8 @@ def _run(cfg: DemoConfig, run_args: list[str], work: str, s3, started: float) ->
     if train:
         print(f"training: {train.get('steps')} steps, loss {train.get('first_loss'):.3f} -> "
               f"{train.get('final_loss'):.3f}, {train.get('driver_wall_s')} s")
+    else:
+        print("training: reused from an earlier run (its curves are in the report)")
     train_dir = out["dirs"]["train"]
     print(f"exported model: {train_dir}/export")
     evaluated = {}

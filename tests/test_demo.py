@@ -41,3 +41,35 @@ def test_split_args_routes_demo_keys_and_run_keys() -> None:
     assert demo == ["shapes=10", "storage=local"] and run == ["train.epochs=3", "dedup.dedup.hamming_threshold=2"]
     with pytest.raises(ValueError, match="storage must be 's3' or 'local'"):
         DemoConfig(storage="gcs")
+
+
+def test_rerun_keeps_the_url_list_and_port_so_stages_are_reused(tmp_path, capsys) -> None:
+    import os
+    import socket
+
+    import pyarrow as pa
+
+    from pipelines.demo import _web_server, _write_if_changed
+    from pipelines.local_web import WebContent
+
+    path = str(tmp_path / "urls.parquet")
+    _write_if_changed(path, pa.table({"url": ["http://127.0.0.1:1/a.jpg"]}))
+    os.utime(path, ns=(1, 1))
+    _write_if_changed(path, pa.table({"url": ["http://127.0.0.1:1/a.jpg"]}))
+    assert os.stat(path).st_mtime_ns == 1  # same bytes: untouched, so the crawl's fingerprint holds
+    _write_if_changed(path, pa.table({"url": ["http://127.0.0.1:1/b.jpg"]}))
+    assert os.stat(path).st_mtime_ns != 1 and pq.read_table(path).column("url").to_pylist() == [
+        "http://127.0.0.1:1/b.jpg"]
+    # The preferred port when free; a busy one is said aloud and another port is used.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        with _web_server(WebContent(), busy) as web:
+            assert not web.base_url.endswith(f":{busy}")
+        assert f"web_port {busy} is not free" in capsys.readouterr().out
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    with _web_server(WebContent(), free) as web:
+        assert web.base_url == f"http://127.0.0.1:{free}"
