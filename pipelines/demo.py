@@ -46,7 +46,7 @@ class DemoConfig:
     # The web server's port. Fixed, so a rerun writes the same URL list and reuses every finished stage
     # (change a train key and only train and evaluate run again); 0 takes any free port.
     web_port: int = 18573
-    # Held-out evaluation images per shape class.
+    # Held-out evaluation images per seen colour-shape pair (twice as many per never-seen pair).
     eval_per_class: int = 10
     seed: int = 0
     # The run config (stage settings); keys not of this class (train.epochs=10, ...) override it.

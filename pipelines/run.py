@@ -28,6 +28,7 @@ plan, each stage's funnel, sample images with captions, training curves and eval
 from __future__ import annotations
 
 import argparse
+import hashlib
 import dataclasses
 import datetime as dt
 import json
@@ -175,13 +176,20 @@ def wire(cfg: RunConfig, stage: str, dirs: dict[str, str], fp: str | None = None
     raise KeyError(stage)
 
 
+def _file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def stage_fingerprint(cfg: RunConfig, stage: str, dirs: dict[str, str]) -> str:
     """The fingerprint `stage` commits under, given its upstream directories (which must be committed)."""
     from . import crawl, dedup, filter as filter_, shard, train
 
     if stage == "evaluate":
         train_manifest = _manifest(cfg, dirs["train"])
-        jobs = [to_dict(j) for j in cfg.evaluate]
+        # Template and class-name files by content too: an edited prompt list must re-evaluate.
+        jobs = [{**to_dict(j), **{f"{k}_sha256": _file_sha256(getattr(j, k)) for k in ("templates", "classnames")
+                                  if getattr(j, k) and os.path.isfile(getattr(j, k))}} for j in cfg.evaluate]
         # The weights' hash, not only the train manifest: a forced retrain commits the same file names and
         # sizes under the same fingerprint, with (possibly) other weights.
         return fingerprint("evaluate", {"jobs": jobs, "model_sha256": train_manifest.extra.get("model_sha256")},

@@ -271,3 +271,27 @@ def test_config_errors_name_the_key(data, tmp_path):
     with pytest.raises(ValueError, match="evaluate job names must be unique"):
         load_run_config("configs/run_tiny.yaml", _args(data, str(tmp_path))[2:-1] + [
             "evaluate=[{name: a, dataset: 'imagefolder:x'}, {name: a, dataset: 'imagefolder:y'}]"])
+
+
+def test_evaluate_fingerprint_follows_template_and_classname_files(tmp_path):
+    """Prompt and class-name files count by content: an edit of the same size still re-evaluates."""
+    from pipelines.manifest import Manifest, write_manifest
+    from pipelines.run import stage_fingerprint
+
+    train_dir = tmp_path / "train"
+    write_manifest(Storage.from_uri(str(train_dir)), "",
+                   Manifest(stage="train", fingerprint="1" * 64, files=[], rows_in=1, rows_out=1,
+                            extra={"model_sha256": "ab" * 32}))
+    templates, names = tmp_path / "t.txt", tmp_path / "names.txt"
+    templates.write_text("a photo of a {}.\n")
+    names.write_text("cat\ndog\n")
+    job = f"evaluate=[{{name: e, dataset: 'imagefolder:x', templates: '{templates}', classnames: '{names}'}}]"
+    cfg = load_run_config("configs/run_tiny.yaml", [f"root={tmp_path / 'root'}", job])
+    dirs = {"train": str(train_dir)}
+    before = stage_fingerprint(cfg, "evaluate", dirs)
+    assert stage_fingerprint(cfg, "evaluate", dirs) == before
+    templates.write_text("a photo of b {}.\n")  # same size
+    after_templates = stage_fingerprint(cfg, "evaluate", dirs)
+    assert after_templates != before
+    names.write_text("cat\nhog\n")
+    assert stage_fingerprint(cfg, "evaluate", dirs) not in (before, after_templates)
