@@ -28,9 +28,9 @@ plan, each stage's funnel, sample images with captions, training curves and eval
 from __future__ import annotations
 
 import argparse
-import hashlib
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import os
 import re
