@@ -469,10 +469,7 @@ def _plots(results: dict, output: str) -> list[str]:
 
 def _present_classes(results: dict) -> list[str]:
     """Class names that have eval images (a label space may name more classes than the set holds)."""
-    support = results.get("support")
-    if support is None:  # results written before `support` existed
-        return list(results["classnames"])
-    return [c for c, n in zip(results["classnames"], support) if n > 0]
+    return [c for c, n in zip(results["classnames"], results["support"]) if n > 0]
 
 
 def format_table(results: dict) -> str:

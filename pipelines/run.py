@@ -176,9 +176,16 @@ def wire(cfg: RunConfig, stage: str, dirs: dict[str, str], fp: str | None = None
     raise KeyError(stage)
 
 
-def _file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+def _job_fingerprint(job: EvalJob) -> dict:
+    """The job's settings, plus its template and class-name files by content (an edited prompt list of the
+    same path must re-evaluate). Named template sets ("openai-imagenet") are not files and count by name."""
+    out = to_dict(job)
+    for key in ("templates", "classnames"):
+        path = getattr(job, key)
+        if path and os.path.isfile(path):
+            with open(path, "rb") as f:
+                out[f"{key}_sha256"] = hashlib.sha256(f.read()).hexdigest()
+    return out
 
 
 def stage_fingerprint(cfg: RunConfig, stage: str, dirs: dict[str, str]) -> str:
@@ -187,9 +194,7 @@ def stage_fingerprint(cfg: RunConfig, stage: str, dirs: dict[str, str]) -> str:
 
     if stage == "evaluate":
         train_manifest = _manifest(cfg, dirs["train"])
-        # Template and class-name files by content too: an edited prompt list must re-evaluate.
-        jobs = [{**to_dict(j), **{f"{k}_sha256": _file_sha256(getattr(j, k)) for k in ("templates", "classnames")
-                                  if getattr(j, k) and os.path.isfile(getattr(j, k))}} for j in cfg.evaluate]
+        jobs = [_job_fingerprint(j) for j in cfg.evaluate]
         # The weights' hash, not only the train manifest: a forced retrain commits the same file names and
         # sizes under the same fingerprint, with (possibly) other weights.
         return fingerprint("evaluate", {"jobs": jobs, "model_sha256": train_manifest.extra.get("model_sha256")},
