@@ -1,17 +1,20 @@
 """The crawler's safe HTTP fetcher: one URL in, bytes or a stable reason string out.
 
-Plain Python (no Ray): the crawl stage builds one `SafeFetcher` per worker and calls `fetch_many`
-from inside `map_batches`. What must stay true (see docs/ARCHITECTURE.md, "safe by default"):
+Plain Python (no Ray): the crawl stage builds one `SafeFetcher` per worker process and calls `fetch`
+from many threads. What must stay true (see docs/ARCHITECTURE.md, "safe by default"):
 
-- only http/https; every hop's host is resolved once here and every resolved address checked
-  (private, loopback, link-local, multicast, reserved, unspecified, and IPv6 forms that embed
-  such an IPv4 address) unless it lies in `allow_networks`; the socket then goes to a checked
-  address only, so a second DNS answer can never swap the target (DNS rebinding);
+- only http/https; every hop's host is resolved here and every resolved address checked (private,
+  loopback, link-local, multicast, reserved, unspecified, and IPv6 forms that embed such an IPv4
+  address) unless it lies in `allow_networks`; the socket then goes to a checked address only, so a
+  second DNS answer can never swap the target (DNS rebinding). A kept-alive connection is reused only
+  for the same host, port and scheme, and it was opened to a checked address;
 - redirects are followed by hand, at most `max_redirects`, each hop checked like the first;
-- bodies are capped while streaming and each HTTP exchange has a total wall-clock deadline;
-- robots.txt (cached per origin, fetched once) and `X-Robots-Tag: noai/noimageai` are obeyed;
-- failures come back as `FetchResult.reason`, never as exceptions. Only network/protocol errors
-  are converted; a bug in this module still raises.
+- bodies are capped while streaming (also after gzip/deflate decoding), each HTTP exchange has a total
+  wall-clock deadline, and with a `ByteBudget` the bodies held by the process at once are bounded;
+- robots.txt (RFC 9309, cached per origin with a TTL and an LRU bound, Crawl-delay honoured per host),
+  `X-Robots-Tag: noai/noimageai` and TDM-Rep (`tdm-reservation: 1`) are obeyed;
+- failures come back as `FetchResult.reason`, never as exceptions: known failures with their own
+  reason, anything else (a bug, a library surprise) as `internal_error` with the exception in `detail`.
 
 Written on the stdlib (http.client, ssl, socket) rather than requests/urllib3 because pinning the
 socket to a checked IP while keeping Host/SNI, shutting a socket down at a deadline from another
@@ -20,6 +23,7 @@ thread, and reading with single recv calls all need the connection object in han
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import contextlib
 import email.utils
@@ -30,14 +34,17 @@ import ipaddress
 import itertools
 import random
 import re
+import select
 import socket
 import ssl
 import threading
 import time
 import urllib.parse
-import urllib.robotparser
+import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .robots import RobotsCache, RobotsRules, rules_for_response, tdm_reserved
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -49,19 +56,31 @@ PRODUCT = "clip-on-ray/0.1"
 # Every reason fetch() can return; the crawl stage writes them to the _rejected table as they are.
 REASONS = frozenset({
     "ok", "bad_url", "bad_scheme", "dns_error", "dns_timeout", "blocked_address",
-    "robots_disallow", "robots_unavailable", "x_robots_noai", "bad_content_type", "too_large",
+    "robots_disallow", "robots_unavailable", "x_robots_noai", "tdm_reserved", "bad_content_type", "too_large",
     "deadline", "timeout", "connection_error", "tls_error", "protocol_error", "incomplete_body",
-    "too_many_redirects", "bad_redirect", "http_429", "http_5xx",
+    "bad_content_encoding", "too_many_redirects", "bad_redirect", "http_429", "http_5xx", "host_busy",
+    "memory_wait", "internal_error",
 })  # plus "http_<code>" for any other non-200 status, e.g. "http_404"
-_RETRYABLE = frozenset({"timeout", "connection_error", "incomplete_body", "http_429", "http_5xx"})
+# Failures worth another try later (a recrawl of a committed crawl retries exactly these).
+TRANSIENT = frozenset({
+    "deadline", "timeout", "connection_error", "incomplete_body", "dns_error", "dns_timeout", "http_429",
+    "http_5xx", "robots_unavailable", "host_busy", "memory_wait",
+})
+# Failures retried at once inside one fetch (with backoff); the rest of TRANSIENT waits for a recrawl.
+_RETRY_NOW = frozenset({"timeout", "connection_error", "incomplete_body", "http_429", "http_5xx"})
 # Reasons that a deadline cut-off produces as a side effect; reported as "deadline" when it fired.
 _CUT_SHORT = frozenset({"timeout", "connection_error", "tls_error", "protocol_error", "incomplete_body"})
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 DEFAULT_CONTENT_TYPES = (
-    "image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp", "image/gif",
+    "image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/apng", "image/webp", "image/gif",
     "image/bmp", "image/x-ms-bmp",
 )
+# Types that say nothing about the content (S3 serves uploads as binary/octet-stream by default).
+# Browsers sniff such responses in an <img>; so do we: the image decoder reads the magic bytes and
+# accepts only its allowed formats.
+DEFAULT_SNIFF_CONTENT_TYPES = ("", "application/octet-stream", "binary/octet-stream", "application/x-octet-stream",
+                               "application/binary", "application/unknown")
 # X-Robots-Tag directives that carry a value after a colon: "unavailable_after: <date>" is not a
 # user-agent scope.
 _VALUED_DIRECTIVES = frozenset({"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"})
@@ -78,7 +97,8 @@ class FetchConfig:
     user_agent_token: str = "clip-on-ray-bot"
     #: Where site owners learn about the crawler and how to opt out; goes in the User-Agent.
     contact_url: str = "https://github.com/clip-on-ray/clip-on-ray#crawler"
-    #: Largest body accepted, in bytes; enforced while streaming and from Content-Length.
+    #: Largest body accepted, in bytes; enforced while streaming, from Content-Length, and on the
+    #: decoded size of a gzip/deflate body.
     max_bytes: int = 8 * 1024 * 1024
     #: Wall-clock budget of one HTTP exchange: connect + TLS + headers + body. Retries and
     #: redirect hops each get a fresh one; waiting for a per-host slot is not counted. So one
@@ -92,6 +112,8 @@ class FetchConfig:
     #: Threads doing DNS lookups; a lookup queued behind busy ones spends its dns_timeout_s
     #: waiting, so keep this near the number of fetching threads.
     dns_workers: int = 32
+    #: Seconds a successful DNS answer is reused (0 = look up every time). Failures are not cached.
+    dns_cache_s: float = 300.0
     max_redirects: int = 5
     #: Extra attempts after a transient failure (timeout, connection error, 429, 5xx).
     max_retries: int = 2
@@ -102,17 +124,38 @@ class FetchConfig:
     max_retry_after_s: float = 10.0
     #: Media types accepted (parameters like "; charset" ignored). Empty = anything.
     allowed_content_types: tuple[str, ...] = DEFAULT_CONTENT_TYPES
+    #: Media types that say nothing ("" = header missing): accepted, the image decoder decides by
+    #: the bytes themselves, as a browser does. Empty = refuse them as bad_content_type.
+    sniff_content_types: tuple[str, ...] = DEFAULT_SNIFF_CONTENT_TYPES
     #: CIDRs exempt from the address block list, e.g. ("127.0.0.1/32",) for a test server.
     allow_networks: tuple[str, ...] = ()
     respect_robots_txt: bool = True
+    #: robots.txt bytes parsed (RFC 9309 asks for at least 500 KiB); the rest is ignored, not refused.
     robots_max_bytes: int = 512 * 1024
+    #: Seconds a fetched robots.txt is trusted (RFC 9309: not more than 24 hours).
+    robots_ttl_s: float = 24 * 3600.0
+    #: Seconds an unreachable robots.txt (5xx, 429, network error) blocks its origin before the next try.
+    robots_unavailable_ttl_s: float = 600.0
+    #: Origins whose robots.txt is cached per process (least recently used dropped first).
+    robots_cache_size: int = 10_000
     respect_x_robots_tag: bool = True
     #: X-Robots-Tag directives that opt an image out of AI training.
     x_robots_opt_outs: tuple[str, ...] = ("noai", "noimageai")
+    #: W3C TDM Reservation Protocol: a `tdm-reservation: 1` response header reserves text and data
+    #: mining rights, which we treat as an opt-out.
+    respect_tdm_rep: bool = True
     #: Concurrent exchanges per host name, across all threads of this fetcher.
     max_per_host: int = 4
-    #: Minimum gap between the starts of two exchanges with the same host.
+    #: Minimum gap between the starts of two exchanges with the same host; a robots.txt Crawl-delay
+    #: for our token raises it for that host.
     min_host_interval_s: float = 0.0
+    #: Longest wait for a per-host slot (max_per_host, Crawl-delay). Past it the row is refused as
+    #: "host_busy" (transient: a recrawl retries it) instead of holding a thread.
+    max_host_wait_s: float = 60.0
+    #: Idle kept-alive connections per host (0 = one connection per exchange, "Connection: close").
+    keepalive_per_host: int = 4
+    #: Seconds an idle kept-alive connection is kept.
+    keepalive_idle_s: float = 15.0
     #: Extra CA bundle for https (None = the system store).
     ca_file: str | None = None
     #: Seed for the backoff jitter (None = fresh randomness).
@@ -120,7 +163,7 @@ class FetchConfig:
 
     def __post_init__(self) -> None:
         # YAML gives lists; keep the frozen config hashable.
-        for name in ("allowed_content_types", "allow_networks", "x_robots_opt_outs"):
+        for name in ("allowed_content_types", "sniff_content_types", "allow_networks", "x_robots_opt_outs"):
             value = getattr(self, name)
             if isinstance(value, str) or not isinstance(value, (list, tuple)):
                 raise ValueError(f"FetchConfig.{name} must be a list of strings, got {value!r}")
@@ -130,19 +173,22 @@ class FetchConfig:
                              f"got {self.user_agent_token!r}")
         if not self.contact_url.startswith(("http://", "https://")) or any(c.isspace() for c in self.contact_url):
             raise ValueError(f"FetchConfig.contact_url must be an http(s) URL without spaces, got {self.contact_url!r}")
-        for name in ("max_bytes", "robots_max_bytes", "max_per_host", "dns_workers"):
+        for name in ("max_bytes", "robots_max_bytes", "max_per_host", "dns_workers", "robots_cache_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"FetchConfig.{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("deadline_s", "connect_timeout_s", "read_timeout_s", "dns_timeout_s"):
+        for name in ("deadline_s", "connect_timeout_s", "read_timeout_s", "dns_timeout_s", "robots_ttl_s",
+                     "robots_unavailable_ttl_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"FetchConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("max_redirects", "max_retries", "backoff_base_s", "backoff_max_s",
-                     "max_retry_after_s", "min_host_interval_s"):
+        for name in ("max_redirects", "max_retries", "backoff_base_s", "backoff_max_s", "max_retry_after_s",
+                     "min_host_interval_s", "max_host_wait_s", "keepalive_per_host", "keepalive_idle_s",
+                     "dns_cache_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"FetchConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        for ctype in self.allowed_content_types:
-            if ctype != ctype.strip().lower() or ctype.count("/") != 1:
-                raise ValueError(f"FetchConfig.allowed_content_types: {ctype!r} is not a lower-case type/subtype")
+        for name in ("allowed_content_types", "sniff_content_types"):
+            for ctype in getattr(self, name):
+                if ctype != ctype.strip().lower() or (ctype and ctype.count("/") != 1):
+                    raise ValueError(f"FetchConfig.{name}: {ctype!r} is not a lower-case type/subtype")
         self.networks()  # raises on a bad CIDR
 
     def networks(self) -> tuple[IPNetwork, ...]:
@@ -171,15 +217,55 @@ class FetchResult:
     #: HTTP requests sent for this URL, across retries and redirect hops (robots.txt not counted).
     attempts: int
     elapsed: float
+    #: A short note for the rejected table (the exception of an internal_error, the encoding refused...).
+    detail: str = ""
+    #: Bytes of the fetcher's ByteBudget held for `body`; hand them back with `SafeFetcher.release`.
+    reserved: int = 0
+
+
+class ByteBudget:
+    """Bytes of response bodies one process holds at once: reserved before a body is read, released
+    by the caller once the body has been used. Bounds a crawler's memory whatever its thread count,
+    part size or max_bytes, as long as every reservation fits (capacity >= max_bytes)."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"ByteBudget capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.in_use = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int, timeout: float) -> bool:
+        if n > self.capacity:
+            raise ValueError(f"a reservation of {n} bytes can never fit a budget of {self.capacity}")
+        end = time.monotonic() + timeout
+        with self._cond:
+            while self.in_use + n > self.capacity:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            self.in_use += n
+            self.peak = max(self.peak, self.in_use)
+            return True
+
+    def release(self, n: int) -> None:
+        if n <= 0:
+            return
+        with self._cond:
+            self.in_use = max(0, self.in_use - n)
+            self._cond.notify_all()
 
 
 class _Reject(Exception):
     """A fetch failure with its reason; raised internally, always turned into a FetchResult."""
 
     def __init__(self, reason: str, status: int | None = None, content_type: str | None = None,
-                 retry_after: float | None = None) -> None:
+                 retry_after: float | None = None, detail: str = "") -> None:
         super().__init__(reason)
         self.reason, self.status, self.content_type, self.retry_after = reason, status, content_type, retry_after
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -196,6 +282,10 @@ class _Target:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{scheme}://{host}" if self.port == default else f"{scheme}://{host}:{self.port}"
 
+    @property
+    def pool_key(self) -> tuple[str, int, bool]:
+        return self.host, self.port, self.tls
+
 
 @dataclass(frozen=True)
 class _Spec:
@@ -203,20 +293,24 @@ class _Spec:
 
     max_bytes: int
     content_types: tuple[str, ...]
+    sniff_types: tuple[str, ...]
     robots: bool
     x_robots: bool
+    #: robots.txt: keep the first max_bytes and stop instead of refusing the body as too_large.
+    truncate: bool = False
 
     @property
     def accept(self) -> str:
         return ", ".join(self.content_types) or "*/*"
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Response:
     status: int
     redirect: str | None = None
     content_type: str | None = None
     body: bytes | None = None
+    reserved: int = 0
 
 
 # --------------------------------------------------------------------------- URLs and addresses
@@ -239,8 +333,12 @@ def _parse_target(url: object) -> _Target:
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    return _Target(url.strip(), tls, _ascii_host(host), port or (443 if tls else 80),
-                   urllib.parse.quote(path, safe=_PATH_SAFE))
+    try:
+        # Lone surrogates cannot go on the wire; anything else is percent-encoded as UTF-8.
+        request_path = urllib.parse.quote(path, safe=_PATH_SAFE)
+    except UnicodeEncodeError:
+        raise _Reject("bad_url") from None
+    return _Target(url.strip(), tls, _ascii_host(host), port or (443 if tls else 80), request_path)
 
 
 def _ascii_host(host: str) -> str:
@@ -252,7 +350,7 @@ def _ascii_host(host: str) -> str:
         name = host.encode("idna").decode("ascii").lower()
     except UnicodeError:
         raise _Reject("bad_url") from None
-    if not _HOST_RE.match(name):
+    if not _HOST_RE.match(name) or len(name) > 253:
         raise _Reject("bad_url")
     return name
 
@@ -311,25 +409,33 @@ def x_robots_opted_out(values: Sequence[str], token: str, opt_outs: Sequence[str
     return False
 
 
-def _media_type(header: str | None) -> str | None:
+def _media_type(header: str | None) -> str:
+    """The lower-case type/subtype of a Content-Type header; "" when missing or blank."""
     if not header:
-        return None
-    return header.split(";", 1)[0].strip().lower() or None
+        return ""
+    return header.split(";", 1)[0].strip().lower()
 
 
 def _retry_after(header: str | None) -> float | None:
+    """Seconds a Retry-After header asks for; None when absent or unreadable (RFC 9110: delay-seconds
+    are ASCII digits; anything else that is not an HTTP date is ignored, as browsers do)."""
     if not header:
         return None
     header = header.strip()
-    if header.isdigit():
-        return float(header)
+    if header.isascii() and header.isdigit():
+        return float(min(int(header[:12]), 10**9))
     try:
         when = email.utils.parsedate_to_datetime(header)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def _declared_length(resp: http.client.HTTPResponse) -> int | None:
+    """Content-Length as http.client understood it: None for chunked or missing or unreadable."""
+    return resp.length if isinstance(resp.length, int) and resp.length >= 0 else None
 
 
 def _status_reason(status: int) -> str:
@@ -337,10 +443,10 @@ def _status_reason(status: int) -> str:
         return "http_429"
     if 500 <= status <= 599:
         return "http_5xx"
-    return f"http_{status}"
+    return f"http_{status}" if 100 <= status <= 999 else "protocol_error"
 
 
-def _error_reason(err: OSError | http.client.HTTPException) -> str:
+def _error_reason(err: BaseException) -> str:
     if isinstance(err, ssl.SSLError):
         return "tls_error"
     if isinstance(err, TimeoutError):
@@ -352,6 +458,10 @@ def _error_reason(err: OSError | http.client.HTTPException) -> str:
     return "connection_error"  # resets, refusals, unreachable networks, RemoteDisconnected
 
 
+def _short(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"[:200]
+
+
 # --------------------------------------------------------------------------- deadline and politeness
 
 
@@ -360,7 +470,7 @@ class _Watchdog:
 
     Per-read timeouts alone cannot bound an exchange: a server trickling one byte per second
     never trips them. A shutdown makes the blocked recv return at once, in any phase (TLS
-    handshake, headers, body). The owner must `release` before closing the socket.
+    handshake, headers, body). The owner must `release` before closing or reusing the socket.
     """
 
     def __init__(self) -> None:
@@ -414,6 +524,10 @@ class _Watchdog:
                     if sock is not None:
                         self._fired.add(token)
                         _shutdown(sock)
+                # Released tokens stay in the heap until their time: drop them in bulk when they pile up.
+                if len(self._heap) > 4 * len(self._live) + 1024:
+                    self._heap = [(d, t) for d, t in self._heap if t in self._live]
+                    heapq.heapify(self._heap)
                 self._cond.wait(timeout=self._heap[0][0] - now if self._heap else None)
 
 
@@ -427,26 +541,40 @@ def _shutdown(sock: socket.socket) -> None:
 
 
 class _HostGate:
-    """At most `limit` exchanges in flight per host, starts at least `interval` apart."""
+    """At most `limit` exchanges in flight per host, starts at least the host's interval apart
+    (the configured minimum, raised by a robots.txt Crawl-delay). A caller that would wait longer
+    than `max_wait` is refused ("host_busy") rather than holding its thread."""
 
-    def __init__(self, limit: int, interval: float) -> None:
-        self._limit, self._interval = limit, interval
+    def __init__(self, limit: int, interval: float, max_wait: float) -> None:
+        self._limit, self._interval, self._max_wait = limit, interval, max_wait
         self._cond = threading.Condition()
         self._active: dict[str, int] = {}
         self._next_start: dict[str, float] = {}
+        self._delays: collections.OrderedDict[str, float] = collections.OrderedDict()
+
+    def set_delay(self, host: str, seconds: float) -> None:
+        with self._cond:
+            self._delays[host] = seconds
+            self._delays.move_to_end(host)
+            while len(self._delays) > 65536:  # a bound over millions of hosts
+                self._delays.popitem(last=False)
 
     @contextlib.contextmanager
     def slot(self, host: str) -> Iterator[None]:
+        give_up = time.monotonic() + self._max_wait
         with self._cond:
             while True:
                 now = time.monotonic()
                 active, not_before = self._active.get(host, 0), self._next_start.get(host, 0.0)
                 if active < self._limit and now >= not_before:
                     break
-                self._cond.wait(timeout=not_before - now if now < not_before else None)
+                if max(now, not_before) > give_up:
+                    raise _Reject("host_busy", detail=f"no slot for {host} within {self._max_wait:g} s")
+                self._cond.wait(timeout=min(give_up, not_before) - now if now < not_before else give_up - now)
             self._active[host] = active + 1
-            if self._interval:
-                self._next_start[host] = now + self._interval
+            interval = max(self._interval, self._delays.get(host, 0.0))
+            if interval:
+                self._next_start[host] = now + interval
         try:
             yield
         finally:
@@ -463,6 +591,32 @@ class _HostGate:
             self._cond.notify_all()
 
 
+class _DnsCache:
+    """Successful answers per (host, port) for `ttl` seconds, at most `size` entries (oldest dropped)."""
+
+    def __init__(self, ttl: float, size: int = 65536) -> None:
+        self._ttl, self._size = ttl, size
+        self._lock = threading.Lock()
+        self._answers: collections.OrderedDict[tuple[str, int], tuple[float, list[IPAddress]]] = \
+            collections.OrderedDict()
+
+    def get(self, key: tuple[str, int]) -> list[IPAddress] | None:
+        with self._lock:
+            hit = self._answers.get(key)
+            if hit is None or hit[0] < time.monotonic():
+                return None
+            return hit[1]
+
+    def put(self, key: tuple[str, int], ips: list[IPAddress]) -> None:
+        if self._ttl <= 0:
+            return
+        with self._lock:
+            self._answers[key] = (time.monotonic() + self._ttl, ips)
+            self._answers.move_to_end(key)
+            while len(self._answers) > self._size:
+                self._answers.popitem(last=False)
+
+
 # --------------------------------------------------------------------------- the connection
 
 
@@ -471,18 +625,34 @@ class _PinnedConnection(http.client.HTTPConnection):
 
     The Host header and TLS SNI/certificate check use `target.host`; the socket goes only to
     `ips`, which were checked before, so no second DNS lookup happens between check and use.
+    It may carry several exchanges (keep-alive); each is armed with its own deadline.
     """
 
-    def __init__(self, target: _Target, ips: Sequence[IPAddress], cfg: FetchConfig, deadline: float,
-                 watchdog: _Watchdog, tls: ssl.SSLContext | None) -> None:
+    def __init__(self, target: _Target, ips: Sequence[IPAddress], cfg: FetchConfig, watchdog: _Watchdog,
+                 tls: ssl.SSLContext | None) -> None:
         super().__init__(target.host, target.port, timeout=cfg.read_timeout_s)
         if target.tls:
             self.default_port = 443  # so the Host header omits :443 like a browser does
-        self._ips, self._cfg, self._deadline, self._watchdog, self._tls = ips, cfg, deadline, watchdog, tls
+        self._ips, self._cfg, self._watchdog, self._tls = ips, cfg, watchdog, tls
+        self._deadline = 0.0
         self.watch_token: int | None = None
-        # http.client drops self.sock once the response owns the connection; keep our own handle
-        # for per-read timeouts.
+        # http.client drops self.sock once a response owns the connection; keep our own handle
+        # for per-read timeouts, the watchdog and reuse.
         self.live_sock: socket.socket | None = None
+        self.idle_since = 0.0
+
+    def arm(self, deadline: float) -> None:
+        """Start an exchange: a fresh deadline, watched on the already open socket if there is one."""
+        self._deadline = deadline
+        if self.live_sock is not None:
+            self.watch_token = self._watchdog.watch(self.live_sock, deadline)
+            self.live_sock.settimeout(self.op_timeout())
+
+    def disarm(self) -> bool:
+        """End an exchange; True if its deadline fired (the socket is then shut down)."""
+        fired = self._watchdog.release(self.watch_token)
+        self.watch_token = None
+        return fired
 
     def op_timeout(self) -> float:
         return max(0.001, min(self._cfg.read_timeout_s, self._deadline - time.monotonic()))
@@ -497,6 +667,24 @@ class _PinnedConnection(http.client.HTTPConnection):
             self._watchdog.swap(self.watch_token, sock)
             sock.settimeout(self.op_timeout())
             sock.do_handshake()
+
+    def close(self) -> None:
+        super().close()
+        if self.live_sock is not None:
+            with contextlib.suppress(OSError):
+                self.live_sock.close()
+            self.live_sock = None
+
+    def looks_alive(self) -> bool:
+        """An idle keep-alive socket must have nothing to read: readable means EOF or stray bytes."""
+        sock = self.live_sock
+        if sock is None or self.sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
 
     def _open_socket(self) -> socket.socket:
         last: OSError = TimeoutError("deadline passed before connecting")
@@ -515,33 +703,94 @@ class _PinnedConnection(http.client.HTTPConnection):
         raise last
 
 
+class _Pool:
+    """Idle kept-alive connections per (host, port, tls): newest first, expired or dead ones dropped."""
+
+    def __init__(self, per_key: int, idle_s: float, total: int = 512) -> None:
+        self._per_key, self._idle_s, self._total = per_key, idle_s, total
+        self._lock = threading.Lock()
+        self._idle: collections.OrderedDict[tuple, list[_PinnedConnection]] = collections.OrderedDict()
+        self._count = 0
+
+    def take(self, key: tuple) -> _PinnedConnection | None:
+        while True:
+            with self._lock:
+                stack = self._idle.get(key)
+                if not stack:
+                    return None
+                conn = stack.pop()
+                self._count -= 1
+                if not stack:
+                    del self._idle[key]
+            if time.monotonic() - conn.idle_since < self._idle_s and conn.looks_alive():
+                return conn
+            conn.close()
+
+    def give(self, key: tuple, conn: _PinnedConnection) -> None:
+        if self._per_key == 0:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        evicted: list[_PinnedConnection] = []
+        with self._lock:
+            stack = self._idle.setdefault(key, [])
+            self._idle.move_to_end(key)
+            if len(stack) >= self._per_key:
+                evicted.append(stack.pop(0))
+                self._count -= 1
+            stack.append(conn)
+            self._count += 1
+            while self._count > self._total:
+                old_key, old = next(iter(self._idle.items()))
+                evicted.append(old.pop(0))
+                self._count -= 1
+                if not old:
+                    del self._idle[old_key]
+        for c in evicted:
+            c.close()
+
+    def close(self) -> None:
+        with self._lock:
+            conns = [c for stack in self._idle.values() for c in stack]
+            self._idle.clear()
+            self._count = 0
+        for c in conns:
+            c.close()
+
+
 # --------------------------------------------------------------------------- the fetcher
 
 
 class SafeFetcher:
     """Thread-safe: share one per process and call fetch() from many threads. close() when done.
 
-    Holds threads, locks and caches, so it is not picklable: ship the FetchConfig to a Ray worker
-    and build the fetcher there (in the actor's __init__), once per process.
+    Holds threads, locks, caches and sockets, so it is not picklable: ship the FetchConfig to a Ray
+    worker and build the fetcher there (in the actor's __init__), once per process. With a
+    `budget`, every ok result holds `result.reserved` bytes of it until `release(result)`.
     """
 
-    def __init__(self, cfg: FetchConfig, resolver: Resolver | None = None) -> None:
+    def __init__(self, cfg: FetchConfig, resolver: Resolver | None = None, budget: ByteBudget | None = None) -> None:
         self.cfg = cfg
         self._resolver = resolver or system_resolver
         self._networks = cfg.networks()
-        self._headers = {
-            "User-Agent": cfg.user_agent(),
-            "Connection": "close",  # one exchange per connection: the deadline and slot cover it all
-        }
+        self._budget = budget
+        if budget is not None and budget.capacity < max(cfg.max_bytes, cfg.robots_max_bytes):
+            raise ValueError(f"the fetch memory budget ({budget.capacity} bytes) must hold at least one body of "
+                             f"fetch.max_bytes ({cfg.max_bytes})")
+        keepalive = cfg.keepalive_per_host > 0
+        self._headers = {"User-Agent": cfg.user_agent(), "Connection": "keep-alive" if keepalive else "close"}
         self._watchdog = _Watchdog()
-        self._gate = _HostGate(cfg.max_per_host, cfg.min_host_interval_s)
+        self._gate = _HostGate(cfg.max_per_host, cfg.min_host_interval_s, cfg.max_host_wait_s)
+        self._pool = _Pool(min(cfg.keepalive_per_host, cfg.max_per_host), cfg.keepalive_idle_s)
         self._dns = cf.ThreadPoolExecutor(max_workers=cfg.dns_workers, thread_name_prefix="fetch-dns")
-        self._robots: dict[str, cf.Future[_RobotsRules]] = {}
-        self._robots_lock = threading.Lock()
+        self._dns_cache = _DnsCache(cfg.dns_cache_s)
+        self._robots = RobotsCache(ttl_s=cfg.robots_ttl_s, unavailable_ttl_s=cfg.robots_unavailable_ttl_s,
+                                   max_entries=cfg.robots_cache_size)
         self._rng = random.Random(cfg.seed)
-        self._image_spec = _Spec(cfg.max_bytes, cfg.allowed_content_types, cfg.respect_robots_txt,
-                                 cfg.respect_x_robots_tag)
-        self._robots_spec = _Spec(cfg.robots_max_bytes, (), robots=False, x_robots=False)
+        self._rng_lock = threading.Lock()
+        self._image_spec = _Spec(cfg.max_bytes, cfg.allowed_content_types, cfg.sniff_content_types,
+                                 cfg.respect_robots_txt, cfg.respect_x_robots_tag)
+        self._robots_spec = _Spec(cfg.robots_max_bytes, (), (), robots=False, x_robots=False, truncate=True)
 
     @functools.cached_property
     def _tls(self) -> ssl.SSLContext:
@@ -556,19 +805,30 @@ class SafeFetcher:
 
     def close(self) -> None:
         self._dns.shutdown(wait=False, cancel_futures=True)
+        self._pool.close()
         self._watchdog.stop()
 
     def fetch(self, url: str) -> FetchResult:
+        """Never raises: a bug or a library surprise comes back as reason "internal_error"."""
         return self._fetch(url, self._image_spec)
 
+    def release(self, result: FetchResult) -> None:
+        """Give back the budget bytes an ok result holds for its body (no-op without a budget)."""
+        if self._budget is not None:
+            self._budget.release(result.reserved)
+
     def fetch_many(self, urls: Sequence[str], max_workers: int = 16) -> list[FetchResult]:
-        """Results in the order of `urls`."""
+        """Results in the order of `urls`. Holds every body at once: for small batches and tests; the
+        crawl streams instead (fetch, use, release)."""
         if max_workers < 1:
             raise ValueError(f"fetch_many: max_workers must be >= 1, got {max_workers!r}")
         if not urls:
             return []
         with cf.ThreadPoolExecutor(max_workers=min(max_workers, len(urls)), thread_name_prefix="fetch") as pool:
-            return list(pool.map(self.fetch, urls))
+            results = list(pool.map(self.fetch, urls))
+        for r in results:
+            self.release(r)
+        return results
 
     def _fetch(self, url: str, spec: _Spec) -> FetchResult:
         start = time.monotonic()
@@ -583,12 +843,18 @@ class SafeFetcher:
                 resp = self._exchange_with_retries(target, ips, spec, attempts)
                 if resp.redirect is None:
                     return FetchResult(url, current, True, resp.body, resp.content_type, resp.status, "ok",
-                                       attempts[0], time.monotonic() - start)
-                current = urllib.parse.urljoin(target.url, resp.redirect)
+                                       attempts[0], time.monotonic() - start, reserved=resp.reserved)
+                try:
+                    current = urllib.parse.urljoin(target.url, resp.redirect)
+                except ValueError:  # e.g. "http://[::1" - urljoin parses the netloc
+                    raise _Reject("bad_redirect", status=resp.status, detail=resp.redirect[:200]) from None
             raise _Reject("too_many_redirects", status=resp.status)
         except _Reject as rej:
             return FetchResult(url, current, False, None, rej.content_type, rej.status, rej.reason,
-                               attempts[0], time.monotonic() - start)
+                               attempts[0], time.monotonic() - start, rej.detail)
+        except Exception as err:  # the safety net: a row never stops a crawl
+            return FetchResult(url, current if isinstance(current, str) else "", False, None, None, None,
+                               "internal_error", attempts[0], time.monotonic() - start, _short(err))
 
     def _resolve(self, target: _Target) -> list[IPAddress]:
         try:
@@ -603,6 +869,10 @@ class SafeFetcher:
         return ips
 
     def _lookup(self, target: _Target) -> list[IPAddress]:
+        key = (target.host, target.port)
+        cached = self._dns_cache.get(key)
+        if cached is not None:
+            return cached
         future = self._dns.submit(self._resolver, target.host, target.port)
         try:
             names = future.result(timeout=self.cfg.dns_timeout_s)
@@ -611,20 +881,22 @@ class SafeFetcher:
         except (OSError, UnicodeError):  # socket.gaierror is an OSError
             raise _Reject("dns_error") from None
         try:
-            return [ipaddress.ip_address(name) for name in names]
+            ips = [ipaddress.ip_address(name) for name in names]
         except ValueError:
             raise _Reject("dns_error") from None
+        self._dns_cache.put(key, ips)
+        return ips
 
     def _exchange_with_retries(self, target: _Target, ips: list[IPAddress], spec: _Spec,
                                attempts: list[int]) -> _Response:
         for attempt in itertools.count(1):
-            attempts[0] += 1
             with self._gate.slot(target.host):
+                attempts[0] += 1
                 try:
                     return self._exchange(target, ips, spec)
                 except _Reject as rej:
                     failure = rej
-            if attempt > self.cfg.max_retries or failure.reason not in _RETRYABLE:
+            if attempt > self.cfg.max_retries or failure.reason not in _RETRY_NOW:
                 raise failure
             wait = self._backoff(attempt, failure.retry_after)
             if wait is None:
@@ -634,7 +906,8 @@ class SafeFetcher:
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float | None:
         delay = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * 2 ** (attempt - 1))
-        delay *= self._rng.uniform(0.5, 1.0)
+        with self._rng_lock:
+            delay *= self._rng.uniform(0.5, 1.0)
         if retry_after is None:
             return delay
         if retry_after > self.cfg.max_retry_after_s:
@@ -642,19 +915,41 @@ class SafeFetcher:
         return max(delay, retry_after)
 
     def _exchange(self, target: _Target, ips: list[IPAddress], spec: _Spec) -> _Response:
+        conn = self._pool.take(target.pool_key)
+        if conn is not None:
+            try:
+                return self._exchange_on(conn, target, spec, reused=True)
+            except _StaleConnection:
+                pass  # the server closed the idle connection before our request: a fresh one, not a retry
+        conn = _PinnedConnection(target, ips, self.cfg, self._watchdog, self._tls if target.tls else None)
+        return self._exchange_on(conn, target, spec, reused=False)
+
+    def _exchange_on(self, conn: _PinnedConnection, target: _Target, spec: _Spec, reused: bool) -> _Response:
         deadline = time.monotonic() + self.cfg.deadline_s
-        conn = _PinnedConnection(target, ips, self.cfg, deadline, self._watchdog, self._tls if target.tls else None)
+        conn.arm(deadline)
         response: _Response | None = None
         failure: _Reject | None = None
+        state = {"status_seen": False, "reusable": False}
         try:
-            response = self._talk(conn, target, spec, deadline)
+            response = self._talk(conn, target, spec, deadline, state)
         except (OSError, http.client.HTTPException) as err:
-            failure = _Reject(_error_reason(err))
+            if reused and not state["status_seen"] and isinstance(err, (ConnectionError, http.client.BadStatusLine)):
+                failure = _StaleConnection()
+            else:
+                failure = _Reject(_error_reason(err), detail=_short(err))
         except _Reject as rej:
             failure = rej
-        finally:
-            fired = self._watchdog.release(conn.watch_token)
+        except BaseException:
+            conn.disarm()
             conn.close()
+            raise
+        fired = conn.disarm()
+        if fired or failure is not None or not state["reusable"]:
+            conn.close()
+        else:
+            self._pool.give(target.pool_key, conn)
+        if fired and response is not None:
+            self._release_bytes(response.reserved)
         # Once the socket was shut down nothing read after it can be trusted: http.client takes
         # the EOF for the end of the headers or of a close-delimited body and would report success.
         if fired or (failure is not None and failure.reason in _CUT_SHORT and time.monotonic() >= deadline):
@@ -664,91 +959,171 @@ class SafeFetcher:
         assert response is not None
         return response
 
-    def _talk(self, conn: _PinnedConnection, target: _Target, spec: _Spec, deadline: float) -> _Response:
-        conn.connect()
+    def _talk(self, conn: _PinnedConnection, target: _Target, spec: _Spec, deadline: float,
+              state: dict[str, bool]) -> _Response:
+        if conn.live_sock is None:
+            conn.connect()
         conn.request("GET", target.path, headers={**self._headers, "Accept": spec.accept})
         resp = conn.getresponse()
+        state["status_seen"] = True
         status = resp.status
         if status in _REDIRECTS:
             location = resp.getheader("Location")
-            if not location:
+            if not location or not location.strip():
                 raise _Reject("bad_redirect", status=status)
             return _Response(status, redirect=location.strip())
         if status != 200:
             retry_after = _retry_after(resp.getheader("Retry-After"))
             raise _Reject(_status_reason(status), status=status, retry_after=retry_after)
         ctype = _media_type(resp.getheader("Content-Type"))
-        if spec.x_robots and x_robots_opted_out(resp.headers.get_all("X-Robots-Tag") or [],
-                                                 self.cfg.user_agent_token, self.cfg.x_robots_opt_outs):
-            raise _Reject("x_robots_noai", status=status, content_type=ctype)
-        if spec.content_types and ctype not in spec.content_types:
-            raise _Reject("bad_content_type", status=status, content_type=ctype)
-        if resp.length is not None and resp.length > spec.max_bytes:
+        self._check_opt_outs(resp, spec, status, ctype)
+        if spec.content_types and ctype not in spec.content_types and ctype not in spec.sniff_types:
+            raise _Reject("bad_content_type", status=status, content_type=ctype or None)
+        decoder = _body_decoder(resp.getheader("Content-Encoding"), status, ctype)
+        declared = _declared_length(resp)
+        if declared is not None and declared > spec.max_bytes and not spec.truncate and decoder is None:
             raise _Reject("too_large", status=status, content_type=ctype)  # before reading a byte
-        body = self._read_capped(conn, resp, spec.max_bytes, deadline, status, ctype)
-        return _Response(status, content_type=ctype, body=body)
+        reserve = self._reserve(spec, declared, deadline, status, ctype, decoder is None)
+        try:
+            body = self._read_capped(conn, resp, spec, deadline, status, ctype, decoder)
+        except BaseException:
+            self._release_bytes(reserve)
+            raise
+        if len(body) < reserve:
+            self._release_bytes(reserve - len(body))
+            reserve = len(body)
+        # read1 never closes a Content-Length response by itself: length 0 means the body is all here.
+        done = resp.isclosed() or resp.length == 0
+        if done:
+            resp.close()  # frees http.client's hold on the connection; the socket stays open
+        state["reusable"] = done and not resp.will_close
+        return _Response(status, content_type=ctype, body=body, reserved=reserve)
 
-    def _read_capped(self, conn: _PinnedConnection, resp: http.client.HTTPResponse, max_bytes: int,
-                     deadline: float, status: int, ctype: str | None) -> bytes:
+    def _check_opt_outs(self, resp: http.client.HTTPResponse, spec: _Spec, status: int, ctype: str) -> None:
+        if not spec.x_robots:
+            return
+        if self.cfg.respect_x_robots_tag and x_robots_opted_out(
+                resp.headers.get_all("X-Robots-Tag") or [], self.cfg.user_agent_token, self.cfg.x_robots_opt_outs):
+            raise _Reject("x_robots_noai", status=status, content_type=ctype)
+        if self.cfg.respect_tdm_rep and tdm_reserved(resp.headers.get_all("tdm-reservation") or []):
+            raise _Reject("tdm_reserved", status=status, content_type=ctype)
+
+    def _reserve(self, spec: _Spec, declared: int | None, deadline: float, status: int, ctype: str,
+                 identity: bool) -> int:
+        """Budget bytes for a body about to be read: its declared length if it has one, else the cap."""
+        if self._budget is None:
+            return 0
+        need = min(declared, spec.max_bytes) if declared is not None and identity else spec.max_bytes
+        if not self._budget.acquire(need, timeout=max(0.0, deadline - time.monotonic())):
+            raise _Reject("memory_wait", status=status, content_type=ctype,
+                          detail=f"no {need} bytes free in the fetch memory budget before the deadline")
+        return need
+
+    def _release_bytes(self, n: int) -> None:
+        if self._budget is not None:
+            self._budget.release(n)
+
+    def _read_capped(self, conn: _PinnedConnection, resp: http.client.HTTPResponse, spec: _Spec, deadline: float,
+                     status: int, ctype: str, decoder: _Decoder | None) -> bytes:
         chunks, total = [], 0
+        cap = spec.max_bytes
         while True:
             if time.monotonic() >= deadline:
                 raise _Reject("deadline", status=status, content_type=ctype)
             if conn.live_sock is not None:
                 conn.live_sock.settimeout(conn.op_timeout())
             # read1 = at most one recv, so the deadline is checked between every arriving chunk
-            chunk = resp.read1(min(65536, max_bytes + 1 - total))
-            if not chunk:
+            try:
+                raw = resp.read1(65536 if decoder is not None else min(65536, cap + 1 - total))
+            except ValueError as err:  # http.client's chunked reader: a chunk size that is not hex
+                raise _Reject("protocol_error", status=status, content_type=ctype, detail=_short(err)) from None
+            if not raw:
                 break
+            chunk = decoder.feed(raw, cap + 1 - total) if decoder is not None else raw
             total += len(chunk)
-            if total > max_bytes:
+            if total > cap:
+                if spec.truncate:
+                    chunks.append(chunk[: len(chunk) - (total - cap)])
+                    return b"".join(chunks)  # robots.txt: the first max_bytes count, the rest is ignored
                 raise _Reject("too_large", status=status, content_type=ctype)
             chunks.append(chunk)
         if resp.length:  # http.client counts down the declared length; bytes still owed = cut off
             raise _Reject("incomplete_body", status=status, content_type=ctype)
+        if decoder is not None:
+            decoder.finish()
         return b"".join(chunks)
 
     # ----------------------------------------------------------------------- robots.txt
 
     def _check_robots(self, target: _Target) -> None:
-        key = target.origin
-        with self._robots_lock:
-            future = self._robots.get(key)
-            owner = future is None
-            if owner:
-                future = self._robots[key] = cf.Future()
-        if owner:
-            # Exactly one thread fetches; the rest wait on the future, also if the fetch raises.
-            try:
-                future.set_result(self._load_robots(target))
-            except BaseException as err:
-                future.set_exception(err)
-                raise
-        verdict = future.result().verdict(self.cfg.user_agent_token, target.url)
-        if verdict is not None:
-            raise _Reject(verdict)
+        rules = self._robots.get(target.origin, lambda: self._load_robots(target))
+        if rules.unavailable:
+            raise _Reject("robots_unavailable")
+        if rules.crawl_delay:
+            self._gate.set_delay(target.host, rules.crawl_delay)
+        if not rules.allowed(target.url):
+            raise _Reject("robots_disallow")
 
-    def _load_robots(self, target: _Target) -> _RobotsRules:
-        # Same safe path as images (address checks, caps, deadline, redirects), per RFC 9309:
-        # 4xx = no rules; 5xx or unreachable = assume everything is disallowed.
+    def _load_robots(self, target: _Target) -> RobotsRules:
+        # Same safe path as images (address checks, caps, deadline, redirects); RFC 9309's status
+        # rules live in robots.rules_for_response.
         result = self._fetch(target.origin + "/robots.txt", self._robots_spec)
-        if result.ok and result.body is not None:
-            parser = urllib.robotparser.RobotFileParser()
-            parser.parse(result.body.decode("utf-8", errors="replace").splitlines())
-            return _RobotsRules(parser)
-        if result.status is not None and 400 <= result.status <= 499 and result.status != 429:
-            return _RobotsRules(None)
-        return _RobotsRules(None, unavailable=True)
+        self.release(result)
+        token = self.cfg.user_agent_token
+        if result.ok:
+            body = result.body or b""
+            return rules_for_response(200, body, token, truncated=len(body) >= self.cfg.robots_max_bytes)
+        if result.reason in ("blocked_address", "bad_url", "bad_scheme", "too_many_redirects", "bad_redirect"):
+            # A redirect we must not follow is not a server error: RFC 9309 2.3.1.2 lets a crawler
+            # treat a redirect chain it cannot follow like a missing file (4xx: no rules).
+            return rules_for_response(404, None, token)
+        if result.reason.startswith("http_") and result.status is not None:
+            return rules_for_response(result.status, None, token)  # 4xx: no rules; 429/5xx: unavailable
+        return rules_for_response(None, None, token)  # unreachable, cut short, garbled: unavailable
 
 
-@dataclass(frozen=True)
-class _RobotsRules:
-    parser: urllib.robotparser.RobotFileParser | None  # None = no rules (robots.txt was a 4xx)
-    unavailable: bool = False
+class _StaleConnection(_Reject):
+    """A kept-alive connection the server had closed before our request: retried on a new one."""
 
-    def verdict(self, token: str, url: str) -> str | None:
-        if self.unavailable:
-            return "robots_unavailable"
-        if self.parser is None or self.parser.can_fetch(token, url):  # can_fetch only reads: thread-safe
-            return None
-        return "robots_disallow"
+    def __init__(self) -> None:
+        super().__init__("connection_error")
+
+
+# --------------------------------------------------------------------------- content encodings
+
+
+class _Decoder:
+    """gzip/deflate bodies decoded while streaming, output capped (a small body may inflate hugely)."""
+
+    def __init__(self, wbits: int, status: int, ctype: str) -> None:
+        self._z = zlib.decompressobj(wbits)
+        self._status, self._ctype = status, ctype
+
+    def feed(self, raw: bytes, room: int) -> bytes:
+        try:
+            # room+1 at most: enough to tell "over the cap" without inflating a bomb
+            out = self._z.decompress(self._z.unconsumed_tail + raw, max(1, room))
+        except zlib.error as err:
+            raise _Reject("bad_content_encoding", status=self._status, content_type=self._ctype,
+                          detail=_short(err)) from None
+        return out
+
+    def finish(self) -> None:
+        if not self._z.eof:
+            raise _Reject("bad_content_encoding", status=self._status, content_type=self._ctype,
+                          detail="compressed body ends early")
+
+
+def _body_decoder(header: str | None, status: int, ctype: str) -> _Decoder | None:
+    """We ask for identity bodies (no Accept-Encoding); a server that compresses anyway is decoded as a
+    browser would, for gzip and deflate. Any other coding is refused with its name."""
+    codings = [c.strip().lower() for c in (header or "").split(",") if c.strip()]
+    codings = [c for c in codings if c != "identity"]
+    if not codings:
+        return None
+    if len(codings) == 1 and codings[0] in ("gzip", "x-gzip"):
+        return _Decoder(16 + zlib.MAX_WBITS, status, ctype)
+    if len(codings) == 1 and codings[0] == "deflate":
+        return _Decoder(32 + zlib.MAX_WBITS, status, ctype)  # zlib-wrapped as RFC 9110 says (or gzip)
+    raise _Reject("bad_content_encoding", status=status, content_type=ctype or None,
+                  detail=f"Content-Encoding {header!r}"[:200])

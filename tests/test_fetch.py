@@ -563,3 +563,225 @@ def test_config_from_yaml_lists_is_hashable() -> None:
 def test_fetch_many_rejects_bad_worker_count(fetcher) -> None:
     with pytest.raises(ValueError, match="max_workers"):
         fetcher.fetch_many(["http://a.test/"], max_workers=0)
+
+
+# --------------------------------------------------------------------------- keep-alive, budgets, encodings
+
+
+class KeepAliveHandler(BaseHTTPRequestHandler):
+    """HTTP/1.1 with Content-Length: connections stay open between requests unless a route closes them."""
+
+    protocol_version = "HTTP/1.1"
+    state: ServerState
+    connections: Counter
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.state.lock:
+            self.connections["opened"] += 1
+
+    def do_GET(self) -> None:
+        path, _, query = self.path.partition("?")
+        params = urllib.parse.parse_qs(query)
+        count = self.state.hit("ka", path)
+        extra: list[tuple[str, str]] = [(k[2:], v[0]) for k, v in params.items() if k.startswith("h_")]
+        if path == "/robots.txt":
+            body = params.get("robots", [""])[0].encode() or b"User-agent: *\nDisallow: /private/\n"
+            return self._reply(200, body, "text/plain")
+        if path.startswith("/img/"):
+            body, ctype = IMAGES[path.rsplit("/", 1)[1]]
+            if params.get("ctype"):
+                ctype = params["ctype"][0]
+            if params.get("gzip"):
+                import gzip as gz
+
+                body = gz.compress(body) if params["gzip"][0] != "broken" else b"\x1f\x8b\x08\x00garbage"
+                extra.append(("Content-Encoding", "gzip"))
+            return self._reply(200, body, ctype, extra)
+        if path == "/bomb.gz":  # 20 MB of zeros in ~20 KB of gzip
+            import gzip as gz
+
+            return self._reply(200, gz.compress(b"\0" * 20_000_000), "image/png", [("Content-Encoding", "gzip")])
+        if path == "/chunked-bad":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"zz\r\nhello\r\n0\r\n\r\n")
+            self.close_connection = True
+            return None
+        return self._reply(404, b"no", "text/plain")
+
+    def _reply(self, status: int, body: bytes, ctype: str, extra: list[tuple[str, str]] = ()) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in extra:
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def ka_server() -> Iterator[tuple[str, int, ServerState, Counter]]:
+    state, connections = ServerState(), Counter()
+    handler = type("KA", (KeepAliveHandler,), {"state": state, "connections": connections})
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield "127.0.0.1", srv.server_address[1], state, connections
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_connections_are_kept_alive_and_reused(ka_server) -> None:
+    urls = [url(ka_server, f"/img/{name}") for name in list(IMAGES)[:20]]
+    with make_fetcher(max_per_host=2) as f:
+        results = [f.fetch(u) for u in urls]  # one thread: every exchange can reuse the one connection
+    assert all(r.ok for r in results)
+    assert ka_server[3]["opened"] == 1, ka_server[3]  # robots.txt and 20 images over one connection
+
+
+def test_keepalive_off_opens_one_connection_per_exchange(ka_server) -> None:
+    with make_fetcher(keepalive_per_host=0) as f:
+        assert all(f.fetch(url(ka_server, f"/img/{n}")).ok for n in list(IMAGES)[:5])
+    assert ka_server[3]["opened"] == 6  # robots.txt + 5 images
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced_not_failed(ka_server) -> None:
+    with make_fetcher(max_retries=0) as f:
+        assert f.fetch(url(ka_server, "/img/0.jpg")).ok
+        for conn in [c for stack in f._pool._idle.values() for c in stack]:  # the server hangs up meanwhile
+            socket.socket.shutdown(conn.live_sock, socket.SHUT_RDWR)
+        again = f.fetch(url(ka_server, "/img/1.png"))
+    assert again.ok and again.attempts == 1
+
+
+def test_byte_budget_bounds_bodies_held_and_is_given_back(ka_server) -> None:
+    from pipelines.fetch import ByteBudget
+
+    budget = ByteBudget(600_000)
+    names = list(IMAGES)
+    with SafeFetcher(FetchConfig(user_agent_token=TOKEN, allow_networks=("127.0.0.1/32",), max_bytes=500_000),
+                     resolver=FakeDNS(), budget=budget) as f:
+        held = [f.fetch(url(ka_server, f"/img/{n}")) for n in names[:10]]
+        assert all(r.ok and r.reserved == len(r.body) for r in held)  # declared length reserved, no more
+        assert budget.in_use == sum(len(r.body) for r in held) <= budget.capacity
+        for r in held:
+            f.release(r)
+        assert budget.in_use == 0
+        # A reservation that cannot be met before the deadline is a transient reason, not a hang.
+        budget.acquire(budget.capacity, timeout=0)
+        waited = f.fetch(url(ka_server, f"/img/{names[11]}"))
+        budget.release(budget.capacity)
+    assert waited.reason == "memory_wait"
+    with pytest.raises(ValueError, match="max_bytes"):
+        SafeFetcher(FetchConfig(max_bytes=1_000_000), budget=ByteBudget(10))
+
+
+def test_gzip_bodies_are_decoded_and_capped(ka_server) -> None:
+    with make_fetcher(max_bytes=1_000_000) as f:
+        ok = f.fetch(url(ka_server, "/img/0.jpg?gzip=1"))
+        broken = f.fetch(url(ka_server, "/img/1.png?gzip=broken"))
+        bomb = f.fetch(url(ka_server, "/bomb.gz"))
+    assert ok.ok and ok.body == IMAGES["0.jpg"][0]
+    assert broken.reason == "bad_content_encoding"
+    assert bomb.reason == "too_large"  # 20 MB of zeros never inflated past the 1 MB cap
+
+
+def test_unknown_content_encoding_is_refused_with_its_name(ka_server) -> None:
+    with make_fetcher() as f:
+        r = f.fetch(url(ka_server, "/img/0.jpg?h_Content-Encoding=br"))
+    assert r.reason == "bad_content_encoding" and "br" in r.detail
+
+
+@pytest.mark.parametrize(("ctype", "reason"), [
+    ("application/octet-stream", "ok"), ("binary/octet-stream", "ok"), ("", "ok"),
+    ("text/html", "bad_content_type"), ("IMAGE/JPEG; charset=binary", "ok"),
+])
+def test_generic_content_types_are_sniffed_like_a_browser(ka_server, ctype: str, reason: str) -> None:
+    with make_fetcher() as f:
+        r = f.fetch(url(ka_server, "/img/0.jpg?ctype=" + urllib.parse.quote(ctype)))
+    assert r.reason == reason
+
+
+@pytest.mark.parametrize(("value", "reason"), [("1", "tdm_reserved"), ("0", "ok"), ("garbage", "ok")])
+def test_tdm_reservation_header_is_an_opt_out(ka_server, value: str, reason: str) -> None:
+    with make_fetcher() as f:
+        assert f.fetch(url(ka_server, "/img/0.jpg?h_tdm-reservation=" + value)).reason == reason
+    with make_fetcher(respect_tdm_rep=False) as f:
+        assert f.fetch(url(ka_server, "/img/0.jpg?h_tdm-reservation=1")).ok
+
+
+def test_broken_chunked_encoding_is_a_reason_not_an_exception(ka_server) -> None:
+    with make_fetcher() as f:
+        # http.client reports a chunk size that is not hex as a cut-off body
+        assert f.fetch(url(ka_server, "/chunked-bad")).reason in ("incomplete_body", "protocol_error")
+
+
+def test_crawl_delay_spaces_one_hosts_requests_and_busy_hosts_are_refused(tmp_path: Path) -> None:
+    class DelayHandler(KeepAliveHandler):
+        def do_GET(self) -> None:
+            if self.path == "/robots.txt":
+                return self._reply(200, f"User-agent: {TOKEN}\nCrawl-delay: 0.3\n".encode(), "text/plain")
+            with self.state.lock:
+                self.state.starts.append(("d", time.monotonic()))
+            return KeepAliveHandler.do_GET(self)
+
+    state = ServerState()
+    handler = type("D", (DelayHandler,), {"state": state, "connections": Counter()})
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    try:
+        urls = [f"http://delay.test:{port}/img/{n}" for n in list(IMAGES)[:4]]
+        with make_fetcher() as f:
+            results = f.fetch_many(urls, max_workers=4)
+        with make_fetcher(max_host_wait_s=0.1) as f:
+            busy = f.fetch_many(urls, max_workers=4)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert all(r.ok for r in results)
+    starts = sorted(t for _, t in state.starts)[:4]
+    assert min(b - a for a, b in zip(starts, starts[1:])) >= 0.25
+    assert Counter(r.reason for r in busy)["host_busy"] >= 2  # 0.3 s apart but only 0.1 s of patience
+
+
+def test_robots_txt_over_the_cap_is_truncated_and_parsed(ka_server) -> None:
+    big = "User-agent: *\nDisallow: /private/\n" + "# padding\n" * 20000  # ~200 KB
+    with make_fetcher(robots_max_bytes=1024) as f:
+        base = url(ka_server, "")
+        # ?robots= changes only what /robots.txt returns; the origin (and cache) is the same host
+        f._robots.get(f"http://127.0.0.1:{ka_server[1]}", lambda: f._load_robots(
+            __import__("pipelines.fetch", fromlist=["_parse_target"])._parse_target(
+                base + "/robots.txt?robots=" + urllib.parse.quote(big))))
+        assert f.fetch(url(ka_server, "/private/0.jpg")).reason == "robots_disallow"
+        assert f.fetch(url(ka_server, "/img/0.jpg")).ok
+
+
+def test_a_failing_resolver_becomes_internal_error_not_an_exception() -> None:
+    def broken(host: str, port: int) -> list[str]:
+        raise RuntimeError("resolver bug")
+
+    with SafeFetcher(FetchConfig(allow_networks=("127.0.0.1/32",)), resolver=broken) as f:
+        r = f.fetch("http://broken.test/x.jpg")
+    assert (r.ok, r.reason) == (False, "internal_error") and "RuntimeError: resolver bug" in r.detail
+
+
+@pytest.mark.parametrize("location", ["http://[::1", "http://a:99999/", "http://exa mple.com/", "http://a:b@c:xyz/"])
+def test_unparseable_redirect_targets_are_reasons(server, fetcher, location: str) -> None:
+    r = fetcher.fetch(url(server, "/redirect?to=" + urllib.parse.quote(location)))
+    assert r.reason in ("bad_redirect", "bad_url"), r
+
+
+@pytest.mark.parametrize("value", ["²", "1e400", "-5", "Wed, 99 Foo 2024", "99999999999999999999999"])
+def test_odd_retry_after_values_never_raise(value: str) -> None:
+    from pipelines.fetch import _retry_after
+
+    got = _retry_after(value)
+    assert got is None or got >= 0
