@@ -7,18 +7,25 @@ visible only through a manifest that lists it (see `pipelines.manifest`). Object
 atomic rename, so nothing here relies on one.
 
 Credentials are never fields of any config: on S3 they come from boto3's credential chain (the
-AWS_* environment variables or a named profile) and are handed to pyarrow in memory only.
+AWS_* environment variables, a named profile, SSO, credential_process, web identity, container or
+instance metadata). One botocore credentials object per connection owns them: the boto3 client
+signs with it, and `Storage.fs` asks it on every call, rebuilding its pyarrow S3FileSystem whenever
+temporary credentials have been refreshed (they expire after 1-12 h; a frozen copy would fail a
+week-long run with ExpiredToken). `Storage.fs` pickles as its S3Options only, so no key travels to
+a Ray worker: the worker resolves its own credentials through the same chain, once per process.
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
+import hashlib
 import os
 import posixpath
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Any
 from urllib.parse import urlparse
 
@@ -74,6 +81,8 @@ class S3Options:
 class Storage(abc.ABC):
     """Base class: everything expressible through a pyarrow FileSystem lives here."""
 
+    # Safe to hand to Ray Data / Ray Train / pyarrow: on S3 it refreshes its credentials and pickles
+    # without them (see _RefreshingS3Handler).
     fs: pafs.FileSystem
     # The root in the filesystem's own namespace ("/abs/dir" locally, "bucket/prefix" on S3).
     root: str
@@ -110,7 +119,10 @@ class Storage(abc.ABC):
         raise NotImplementedError
 
     def ray_read_args(self, paths: Sequence[str]) -> dict[str, Any]:
-        """`ray.data.read_parquet(**storage.ray_read_args(files))` reads exactly these files."""
+        """`ray.data.read_parquet(**storage.ray_read_args(files))` reads exactly these files.
+
+        The filesystem pickles without credentials: each Ray worker resolves (and refreshes) its own.
+        """
         return {"paths": [self.fs_path(p) for p in paths], "filesystem": self.fs}
 
     # -- bytes -------------------------------------------------------------------------------
@@ -271,7 +283,7 @@ class LocalStorage(Storage):
 
 
 class S3Storage(Storage):
-    def __init__(self, uri: str, options: S3Options) -> None:
+    def __init__(self, uri: str, options: S3Options, _connection: _S3Connection | None = None) -> None:
         parsed = urlparse(uri)
         if not parsed.netloc:
             raise StorageError(f"s3 uri {uri!r} has no bucket: use s3://bucket/prefix")
@@ -279,7 +291,9 @@ class S3Storage(Storage):
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
         self.root = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
-        self.client, self.fs = _connect(options)
+        # A Storage opened here resolves its credentials afresh; an unpickled one shares its process's.
+        connection = _connection or _S3Connection(options)
+        self.client, self.fs = connection.client, connection.fs
         if options.check_on_open:
             self._check_access()
 
@@ -289,7 +303,7 @@ class S3Storage(Storage):
     def __reduce__(self) -> tuple:
         # Clients do not pickle; the receiving process (e.g. a Ray worker) resolves its own
         # credentials through the same chain, so no secret travels inside the pickle.
-        return (S3Storage, (self.uri(""), self.options))
+        return (_unpickle_s3_storage, (self.uri(""), self.options))
 
     def uri(self, path: str = "") -> str:
         return f"s3://{self.fs_path(path)}"
@@ -320,11 +334,12 @@ class S3Storage(Storage):
 
     def _explain(self, err: Exception, op: str, path: str) -> StorageError:
         where = f"{self.uri(path)} at endpoint {self.options.endpoint_name}"
-        text = f"{type(err).__name__}: {err}"
+        text = _one_line(f"{type(err).__name__}: {err}")  # a credential_process's stderr may span lines
+        if _is_credential_failure(err):
+            return StorageError(f"cannot get AWS credentials ({_who(self.options)}) for {where} during {op}: {text}")
         if _is_access_denied(err, text):
-            who = f"profile {self.options.profile!r}" if self.options.profile else "profile (AWS_PROFILE)"
             return StorageError(
-                f"access denied to {where} during {op}: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or {who} ({text})"
+                f"access denied to {where} during {op}: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or {_who(self.options)} ({text})"
             )
         if _is_unreachable(err, text):
             return StorageError(f"cannot reach S3 endpoint {self.options.endpoint_name} during {op} of {self.uri(path)}: {text}")
@@ -333,47 +348,201 @@ class S3Storage(Storage):
         return StorageError(f"{op} failed for {where}: {text}")
 
 
-def _connect(options: S3Options) -> tuple[Any, pafs.S3FileSystem]:
-    import boto3
-    from botocore import UNSIGNED
-    from botocore.config import Config
+def _unpickle_s3_storage(uri: str, options: S3Options) -> S3Storage:
+    return S3Storage(uri, options, _connection=_shared_connection(options))
 
-    from botocore.exceptions import ProfileNotFound
 
-    try:
-        session = boto3.Session(profile_name=options.profile)
-    except ProfileNotFound as err:
-        raise StorageError(f"AWS profile {options.profile!r} (s3.profile) not found: {err}") from err
-    config = Config(
-        region_name=options.region,
-        connect_timeout=options.connect_timeout_s,
-        read_timeout=options.request_timeout_s,
-        retries={"max_attempts": options.max_attempts, "mode": "standard"},
-        s3={"addressing_style": "path"} if options.endpoint_url else None,
-        signature_version=UNSIGNED if options.anonymous else None,
-    )
-    client = session.client("s3", endpoint_url=options.endpoint_url, config=config)
-    fs_kwargs: dict[str, Any] = {"anonymous": True}
-    if not options.anonymous:
-        creds = session.get_credentials()
-        if creds is None:
-            raise StorageError(
-                f"no AWS credentials found for S3 endpoint {options.endpoint_name}: set "
-                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile (s3.profile / AWS_PROFILE)"
-            )
-        frozen = creds.get_frozen_credentials()
-        fs_kwargs = {"access_key": frozen.access_key, "secret_key": frozen.secret_key, "session_token": frozen.token}
+class _S3Connection:
+    """A boto3 client and a pyarrow filesystem over ONE botocore credentials object.
+
+    Refreshable credentials (SSO, credential_process, web identity, container, instance metadata,
+    assumed roles) renew themselves inside botocore when asked within 15 minutes of expiring; the
+    boto3 client asks on every request, and `s3fs()` on every filesystem call. pyarrow's
+    S3FileSystem takes fixed keys, so `s3fs()` builds a new one when the keys it gets differ from
+    those of the current one. Static keys (AWS_* variables, a profile's keys) never change: one
+    S3FileSystem for the connection's life, as before.
+    """
+
+    def __init__(self, options: S3Options) -> None:
+        import boto3
+        from botocore import UNSIGNED
+        from botocore.config import Config
+        from botocore.exceptions import ProfileNotFound
+
+        self.options = options
+        try:
+            session = boto3.Session(profile_name=options.profile)
+        except ProfileNotFound as err:
+            raise StorageError(f"AWS profile {options.profile!r} (s3.profile) not found: {err}") from err
+        config = Config(
+            region_name=options.region,
+            connect_timeout=options.connect_timeout_s,
+            read_timeout=options.request_timeout_s,
+            retries={"max_attempts": options.max_attempts, "mode": "standard"},
+            s3={"addressing_style": "path"} if options.endpoint_url else None,
+            signature_version=UNSIGNED if options.anonymous else None,
+        )
+        self.credentials: Any = None  # botocore Credentials / RefreshableCredentials; None = anonymous
+        if not options.anonymous:
+            try:
+                self.credentials = session.get_credentials()
+            except Exception as err:  # a failing credential_process, SSO token expired, STS refusing, ...
+                raise StorageError(
+                    f"cannot get AWS credentials ({_who(options)}) for S3 endpoint {options.endpoint_name}: "
+                    + _one_line(f"{type(err).__name__}: {err}")
+                ) from err
+            if self.credentials is None:
+                raise StorageError(
+                    f"no AWS credentials found for S3 endpoint {options.endpoint_name}: set "
+                    "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile (s3.profile / AWS_PROFILE)"
+                )
+        # The session caches this same credentials object and hands it to the client.
+        self.client = session.client("s3", endpoint_url=options.endpoint_url, config=config)
+        self._lock = threading.Lock()
+        # (the ReadOnlyCredentials it was built with, the filesystem): swapped as one tuple, so a
+        # reader never pairs one filesystem with another's keys.
+        self._current: tuple[Any, pafs.S3FileSystem] | None = None
+        if options.anonymous:
+            self._current = (None, _native_s3fs(options, None))
+        self.fs = pafs.PyFileSystem(_RefreshingS3Handler(options, self))
+
+    def s3fs(self) -> pafs.S3FileSystem:
+        """A native S3FileSystem signing with the credentials valid now."""
+        if self.credentials is None:
+            return self._current[1]
+        frozen = self.credentials.get_frozen_credentials()  # refreshes when due; cheap otherwise
+        current = self._current
+        if current is not None and current[0] == frozen:
+            return current[1]
+        with self._lock:
+            current = self._current
+            if current is None or current[0] != frozen:
+                current = (frozen, _native_s3fs(self.options, frozen))
+                self._current = current
+            return current[1]
+
+
+def _native_s3fs(options: S3Options, frozen: Any) -> pafs.S3FileSystem:
+    """frozen: botocore ReadOnlyCredentials, or None for anonymous access. Never pickle the result."""
+    if frozen is None:
+        kwargs: dict[str, Any] = {"anonymous": True}
+    else:
+        kwargs = {"access_key": frozen.access_key, "secret_key": frozen.secret_key, "session_token": frozen.token}
     if options.endpoint_url:
         parsed = urlparse(options.endpoint_url)
-        fs_kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
-    fs = pafs.S3FileSystem(
+        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
+    return pafs.S3FileSystem(
         region=options.region,
         connect_timeout=options.connect_timeout_s,
         request_timeout=options.request_timeout_s,
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=options.max_attempts),
-        **fs_kwargs,
+        **kwargs,
     )
-    return client, fs
+
+
+_SHARED: dict[tuple, _S3Connection] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _shared_connection(options: S3Options) -> _S3Connection:
+    """The connection unpickled Storages and filesystems of this process share.
+
+    Ray deserialises a task's filesystem for every task: resolving credentials each time would run a
+    credential_process, or call STS for web identity, once per task. The key holds the pid (a forked
+    child builds its own client) and a digest of the AWS_* variables (other variables, other chain).
+    """
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))
+    key = (os.getpid(), astuple(options), hashlib.sha256(repr(env).encode()).hexdigest())
+    with _SHARED_LOCK:
+        connection = _SHARED.get(key)
+        if connection is None:
+            connection = _SHARED[key] = _S3Connection(options)
+        return connection
+
+
+class _RefreshingS3Handler(pafs.FileSystemHandler):
+    """The pyarrow filesystem behind S3Storage.fs: every call goes to the connection's current
+    S3FileSystem. Files it opens are native pyarrow files, so reads and writes do not pass through
+    Python; an open file keeps the keys it was opened with (botocore renews 10-15 minutes ahead of
+    expiry, so a file open for less than that is safe).
+
+    It pickles as its S3Options alone: a pyarrow S3FileSystem built with keys pickles them (Ray would
+    ship them in every task's arguments); this resolves them where it is unpickled, on first use.
+    """
+
+    def __init__(self, options: S3Options, connection: _S3Connection | None = None) -> None:
+        self._options = options
+        self._connection = connection
+
+    def __reduce__(self) -> tuple:
+        return (_RefreshingS3Handler, (self._options,))
+
+    def _fs(self) -> pafs.S3FileSystem:
+        if self._connection is None:
+            self._connection = _shared_connection(self._options)
+        return self._connection.s3fs()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _RefreshingS3Handler) and other._options == self._options
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash(astuple(self._options))
+
+    def get_type_name(self) -> str:
+        return "s3-refreshing"
+
+    def normalize_path(self, path: str) -> str:
+        return self._fs().normalize_path(path)
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return self._fs().get_file_info(paths)
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return self._fs().get_file_info(selector)
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self._fs().create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path: str) -> None:
+        self._fs().delete_dir(path)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self._fs().delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self) -> None:
+        self._fs().delete_dir_contents("/", accept_root_dir=True)
+
+    def delete_file(self, path: str) -> None:
+        self._fs().delete_file(path)
+
+    def move(self, src: str, dest: str) -> None:
+        self._fs().move(src, dest)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self._fs().copy_file(src, dest)
+
+    def open_input_stream(self, path: str) -> pa.NativeFile:
+        return self._fs().open_input_stream(path)
+
+    def open_input_file(self, path: str) -> pa.NativeFile:
+        return self._fs().open_input_file(path)
+
+    def open_output_stream(self, path: str, metadata: dict | None) -> pa.NativeFile:
+        return self._fs().open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path: str, metadata: dict | None) -> pa.NativeFile:
+        return self._fs().open_append_stream(path, metadata=metadata)
+
+
+def _who(options: S3Options) -> str:
+    return f"profile {options.profile!r}" if options.profile else "profile (AWS_PROFILE)"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _error_code(err: Exception) -> str:
@@ -399,6 +568,14 @@ _UNREACHABLE_TEXT = ("NETWORK_CONNECTION", "curlCode: 7", "Couldn't connect", "C
 
 def _is_access_denied(err: Exception, text: str) -> bool:
     return _error_code(err) in _DENIED_CODES or any(t in text for t in _DENIED_TEXT)
+
+
+def _is_credential_failure(err: Exception) -> bool:
+    """botocore could not load or refresh credentials (a failing credential_process, an expired SSO login, ...)."""
+    from botocore import exceptions as bx
+
+    return isinstance(err, (bx.NoCredentialsError, bx.PartialCredentialsError, bx.CredentialRetrievalError,
+                            bx.TokenRetrievalError, bx.SSOError, bx.RefreshWithMFAUnsupportedError))
 
 
 def _is_unreachable(err: Exception, text: str) -> bool:
