@@ -43,6 +43,7 @@ import urllib.parse
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .robots import RobotsCache, RobotsRules, rules_for_response, tdm_reserved
 
@@ -925,11 +926,13 @@ class SafeFetcher:
         return self._exchange_on(conn, target, spec, reused=False)
 
     def _exchange_on(self, conn: _PinnedConnection, target: _Target, spec: _Spec, reused: bool) -> _Response:
+        # The body's worst case is reserved before the request goes out (so no connection sits idle
+        # waiting for memory), then shrunk to the declared length and to what arrived.
+        state: dict[str, Any] = {"status_seen": False, "reusable": False, "held": self._hold(spec.max_bytes)}
         deadline = time.monotonic() + self.cfg.deadline_s
         conn.arm(deadline)
         response: _Response | None = None
         failure: _Reject | None = None
-        state = {"status_seen": False, "reusable": False}
         try:
             response = self._talk(conn, target, spec, deadline, state)
         except (OSError, http.client.HTTPException) as err:
@@ -942,14 +945,17 @@ class SafeFetcher:
         except BaseException:
             conn.disarm()
             conn.close()
+            self._release_bytes(state["held"])
             raise
         fired = conn.disarm()
         if fired or failure is not None or not state["reusable"]:
             conn.close()
         else:
             self._pool.give(target.pool_key, conn)
-        if fired and response is not None:
-            self._release_bytes(response.reserved)
+        if fired or failure is not None or response is None or response.body is None:
+            self._release_bytes(state["held"])  # only a body that is handed out keeps its bytes
+            if response is not None:
+                response.reserved = 0
         # Once the socket was shut down nothing read after it can be trusted: http.client takes
         # the EOF for the end of the headers or of a close-delimited body and would report success.
         if fired or (failure is not None and failure.reason in _CUT_SHORT and time.monotonic() >= deadline):
@@ -960,7 +966,7 @@ class SafeFetcher:
         return response
 
     def _talk(self, conn: _PinnedConnection, target: _Target, spec: _Spec, deadline: float,
-              state: dict[str, bool]) -> _Response:
+              state: dict[str, Any]) -> _Response:
         if conn.live_sock is None:
             conn.connect()
         conn.request("GET", target.path, headers={**self._headers, "Accept": spec.accept})
@@ -983,21 +989,16 @@ class SafeFetcher:
         declared = _declared_length(resp)
         if declared is not None and declared > spec.max_bytes and not spec.truncate and decoder is None:
             raise _Reject("too_large", status=status, content_type=ctype)  # before reading a byte
-        reserve = self._reserve(spec, declared, deadline, status, ctype, decoder is None)
-        try:
-            body = self._read_capped(conn, resp, spec, deadline, status, ctype, decoder)
-        except BaseException:
-            self._release_bytes(reserve)
-            raise
-        if len(body) < reserve:
-            self._release_bytes(reserve - len(body))
-            reserve = len(body)
+        if declared is not None and decoder is None:
+            self._shrink(state, declared)
+        body = self._read_capped(conn, resp, spec, deadline, status, ctype, decoder)
+        self._shrink(state, len(body))
         # read1 never closes a Content-Length response by itself: length 0 means the body is all here.
         done = resp.isclosed() or resp.length == 0
         if done:
             resp.close()  # frees http.client's hold on the connection; the socket stays open
         state["reusable"] = done and not resp.will_close
-        return _Response(status, content_type=ctype, body=body, reserved=reserve)
+        return _Response(status, content_type=ctype, body=body, reserved=state["held"])
 
     def _check_opt_outs(self, resp: http.client.HTTPResponse, spec: _Spec, status: int, ctype: str) -> None:
         if not spec.x_robots:
@@ -1008,16 +1009,20 @@ class SafeFetcher:
         if self.cfg.respect_tdm_rep and tdm_reserved(resp.headers.get_all("tdm-reservation") or []):
             raise _Reject("tdm_reserved", status=status, content_type=ctype)
 
-    def _reserve(self, spec: _Spec, declared: int | None, deadline: float, status: int, ctype: str,
-                 identity: bool) -> int:
-        """Budget bytes for a body about to be read: its declared length if it has one, else the cap."""
+    def _hold(self, n: int) -> int:
+        """Reserve n budget bytes for a body, waiting while other bodies are being used; 0 without a budget."""
         if self._budget is None:
             return 0
-        need = min(declared, spec.max_bytes) if declared is not None and identity else spec.max_bytes
-        if not self._budget.acquire(need, timeout=max(0.0, deadline - time.monotonic())):
-            raise _Reject("memory_wait", status=status, content_type=ctype,
-                          detail=f"no {need} bytes free in the fetch memory budget before the deadline")
-        return need
+        # Holders give their bytes back once a body is decoded (milliseconds), so a long wait means the
+        # process is overloaded: a transient reason that a recrawl retries, not a hang.
+        if not self._budget.acquire(n, timeout=4 * self.cfg.deadline_s):
+            raise _Reject("memory_wait", detail=f"no {n} bytes free in the fetch memory budget")
+        return n
+
+    def _shrink(self, state: dict[str, Any], n: int) -> None:
+        if n < state["held"]:
+            self._release_bytes(state["held"] - n)
+            state["held"] = n
 
     def _release_bytes(self, n: int) -> None:
         if self._budget is not None:

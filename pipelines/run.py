@@ -275,6 +275,8 @@ def decide(cfg: RunConfig, stage: str, dirs: dict[str, str], sel: Selection, ups
         return Step(stage, "reuse", "committed (not selected, read by a selected stage)", fp, path)
     if sel.forced(stage):
         return Step(stage, "run", "forced" + (" (recomputes its committed output)" if committed else ""), fp, path)
+    if committed and stage == "crawl" and cfg.crawl.retry_failed:
+        return Step(stage, "run", "recrawls its transient failures (crawl.retry_failed)", fp, path)
     if committed:
         return Step(stage, "reuse", "committed with this config and input", fp, path)
     return Step(stage, "run", _why_not_committed(cfg, stage, path), fp, path)
@@ -366,7 +368,10 @@ def _execute(cfg: RunConfig, stage: str, dirs: dict[str, str], step: Step) -> An
 
     if stage in DATA_STAGES:
         module = {"crawl": crawl, "filter": filter_, "dedup": dedup, "shard": shard}[stage]
-        manifest = module.run(wire(cfg, stage, dirs, step.fingerprint))
+        stage_cfg = wire(cfg, stage, dirs, step.fingerprint)
+        if stage == "crawl" and stage_cfg.retry_failed and not _committed(cfg, step.path, step.fingerprint):
+            stage_cfg = dataclasses.replace(stage_cfg, retry_failed=False)  # nothing to recrawl yet: a first crawl
+        manifest = module.run(stage_cfg)
         if manifest.fingerprint != step.fingerprint:
             raise AssertionError(f"{stage} committed fingerprint {manifest.fingerprint[:16]} but the plan "
                                  f"computed {step.fingerprint[:16]}: stage_fingerprint is out of date")

@@ -105,6 +105,8 @@ class PartResult:
     files: list[dict[str, Any]]  # [{path, rows, bytes}] data files, relative to the stage dir
     rejected_files: list[dict[str, Any]]
     skipped: bool = False  # already committed by an earlier run
+    # Stage-specific measurements of the part (e.g. the crawl's peak memory and bytes fetched).
+    stats: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "skipped"}
@@ -138,24 +140,87 @@ class PartStore:
         return PartResult(**data, skipped=True)
 
     def commit(self, name: str, kept: pa.Table, rejected: pa.Table, rows_in: int) -> PartResult:
-        if kept.num_rows + rejected.num_rows != rows_in:
-            raise AssertionError(f"{self.stage} {name}: {rows_in} rows in but {kept.num_rows} kept + "
-                                 f"{rejected.num_rows} rejected; every input row must be accounted for")
-        files, rejected_files = [], []
+        files = []
         if kept.num_rows:
             path = f"{name}.parquet"
             size = self.storage.write_parquet(kept, path, row_group_size=self.row_group_size)
             files.append({"path": path, "rows": kept.num_rows, "bytes": size})
+        return self.finish(name, files, kept.num_rows, rejected, rows_in)
+
+    def writer(self, name: str, schema: pa.Schema, flush_bytes: int) -> PartWriter:
+        """Kept rows streamed to `name.parquet` a row group at a time; `finish` the part after closing it."""
+        return PartWriter(self.storage, f"{name}.parquet", schema, self.row_group_size, flush_bytes)
+
+    def finish(self, name: str, files: list[dict[str, Any]], rows_out: int, rejected: pa.Table, rows_in: int,
+               stats: dict[str, Any] | None = None) -> PartResult:
+        """Write the part's rejected rows, then its marker (last: a part without one is redone on rerun)."""
+        if rows_out + rejected.num_rows != rows_in:
+            raise AssertionError(f"{self.stage} {name}: {rows_in} rows in but {rows_out} kept + "
+                                 f"{rejected.num_rows} rejected; every input row must be accounted for")
+        rejected_files = []
         if rejected.num_rows:
             path = f"_rejected/{name}.parquet"
             size = self.storage.write_parquet(rejected, path)
             rejected_files.append({"path": path, "rows": rejected.num_rows, "bytes": size})
         reasons = Counter(rejected.column("reason").to_pylist()) if rejected.num_rows else Counter()
-        result = PartResult(name, rows_in, kept.num_rows, dict(sorted(reasons.items())), files, rejected_files)
-        # The marker goes last: a part without one is redone on rerun.
+        result = PartResult(name, rows_in, rows_out, dict(sorted(reasons.items())), files, rejected_files,
+                            stats=stats or {})
         self.storage.write_bytes(f"_parts/{name}.json",
                                  json.dumps({**result.to_json(), "fingerprint": self.fingerprint}).encode())
         return result
+
+
+class PartWriter:
+    """Streams rows into one Parquet file, flushing a row group at `row_group_size` rows or `flush_bytes`
+    buffered bytes, so a part's memory does not grow with its row count. The file may be partial until
+    `close`; only a part marker written after it (PartStore.finish) makes it count."""
+
+    def __init__(self, storage: Storage, path: str, schema: pa.Schema, row_group_size: int, flush_bytes: int) -> None:
+        self.storage, self.path, self.schema = storage, path, schema
+        self.row_group_size, self.flush_bytes = row_group_size, flush_bytes
+        self.rows = 0
+        self._buffer: list[dict[str, Any]] = []
+        self._buffered_bytes = 0
+        self._stream: pa.NativeFile | None = None
+        self._writer: Any = None
+
+    def add(self, row: dict[str, Any], nbytes: int) -> None:
+        self._buffer.append(row)
+        self._buffered_bytes += nbytes
+        if len(self._buffer) >= self.row_group_size or self._buffered_bytes >= self.flush_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        import pyarrow.parquet as pq
+
+        if self._writer is None:
+            self._stream = self.storage.open_output(self.path)
+            self._writer = pq.ParquetWriter(self._stream, self.schema)
+        self._writer.write_table(pa.Table.from_pylist(self._buffer, schema=self.schema))
+        self.rows += len(self._buffer)
+        self._buffer, self._buffered_bytes = [], 0
+
+    def close(self) -> list[dict[str, Any]]:
+        """Finish the file; the manifest entries for it ([] when no row was kept)."""
+        self._flush()
+        if self._writer is None:
+            return []
+        self._writer.close()
+        assert self._stream is not None
+        self._stream.close()
+        return [{"path": self.path, "rows": self.rows, "bytes": self.storage.size(self.path)}]
+
+    def abort(self) -> None:
+        """Drop what was buffered and close the stream without committing anything (the part is redone)."""
+        self._buffer = []
+        for closer in (self._writer, self._stream):
+            if closer is not None:
+                try:
+                    closer.close()
+                except Exception:  # noqa: BLE001 - best effort on a path that is already failing
+                    pass
 
 
 def already_committed(storage: Storage, stage: str, fp: str) -> Manifest | None:

@@ -132,12 +132,17 @@ def test_crawl_killed_midway_resumes_to_the_same_keys(tmp_path) -> None:
         proc = subprocess.Popen([sys.executable, "-m", "pipelines.crawl", *args], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         parts_dir = os.path.join(killed, "_parts")
+
+        def markers() -> int:  # committed part markers, not the temporary files they are renamed from
+            names = os.listdir(parts_dir) if os.path.isdir(parts_dir) else []
+            return sum(n.endswith(".json") and not n.startswith(".") for n in names)
+
         deadline = time.time() + 240
-        while time.time() < deadline and (not os.path.isdir(parts_dir) or len(os.listdir(parts_dir)) < 2):
+        while time.time() < deadline and markers() < 2:
             time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        committed_before = len(os.listdir(parts_dir))
+        committed_before = markers()
         assert 2 <= committed_before < 8, "the crawl was not killed midway"
         assert not os.path.exists(os.path.join(killed, "_manifest.json"))
         m = run(crawl_config([src], killed, rows_per_part=20, threads_per_worker=2, workers=1))
@@ -162,3 +167,137 @@ def test_fingerprint_follows_url_list_edits_of_equal_size(tmp_path) -> None:
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a distinct mtime even on coarse clocks
     assert os.path.getsize(path) == size
     assert fingerprint_of(cfg) != before
+
+
+# --------------------------------------------------------------------------- recrawl, memory, secrets
+
+
+class _FlakyWeb:
+    """/ok/N.jpg always works, /flaky/N.jpg answers 503 on its first request, /gone/N.jpg is a 404,
+    /big/N.png is a large noisy PNG (for the memory test). Counts requests per path."""
+
+    def __init__(self, images: list[bytes], big: bytes = b"") -> None:
+        from collections import Counter
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        import threading
+
+        hits: Counter = Counter()
+        lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                with lock:
+                    hits[self.path] += 1
+                    n = hits[self.path]
+                kind, _, name = self.path.strip("/").partition("/")
+                if self.path == "/robots.txt":
+                    return self._send(404, b"", "text/plain")
+                if kind == "gone" or (kind == "flaky" and n == 1):
+                    return self._send(404 if kind == "gone" else 503, b"no", "text/plain")
+                if kind == "big":
+                    return self._send(200, big, "image/png")
+                return self._send(200, images[int(name.split(".")[0]) % len(images)], "image/jpeg")
+
+            def _send(self, status: int, body: bytes, ctype: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except OSError:
+                    pass
+
+        self.hits = hits
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.base = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_retry_failed_recrawls_only_transient_rejects_and_commits_both_attempts(tmp_path) -> None:
+    samples = shape_samples(12, seed=9)
+    web = _FlakyWeb([s.image for s in samples])
+    try:
+        rows = ([{"url": f"{web.base}/ok/{i}.jpg", "caption": f"ok {i}", "query": "q"} for i in range(30)]
+                + [{"url": f"{web.base}/flaky/{i}.jpg", "caption": f"flaky {i}", "query": "q"} for i in range(12)]
+                + [{"url": f"{web.base}/gone/{i}.jpg", "caption": f"gone {i}", "query": "q"} for i in range(5)])
+        src = write_list(rows, str(tmp_path / "list.parquet"))
+        out = str(tmp_path / "crawl")
+        first = run(crawl_config([src], out, **{"fetch.max_retries": 0}))
+        assert (first.rows_out, first.rejected) == (30, {"http_5xx": 12, "http_404": 5})
+        with pytest.raises(ValueError, match="nothing is committed"):
+            run(crawl_config([src], str(tmp_path / "never"), retry_failed="true"))
+        second = run(crawl_config([src], out, retry_failed="true", **{"fetch.max_retries": 0}))
+        third = run(crawl_config([src], out, retry_failed="true", **{"fetch.max_retries": 0}))
+    finally:
+        web.close()
+    assert (second.rows_in, second.rows_out, second.rejected) == (47, 42, {"http_404": 5})
+    assert second.extra["attempt"] == 2 and second.extra["retries"][0]["recovered"] == 12
+    assert second.fingerprint == first.fingerprint
+    assert all(web.hits[f"/gone/{i}.jpg"] == 1 for i in range(5))  # permanent rejects never retried
+    assert all(web.hits[f"/ok/{i}.jpg"] == 1 for i in range(30))
+    keys = committed_keys(out)
+    assert len(keys) == len(set(keys)) == 42
+    reasons = {r["reason"] for r in rejected_rows(out)}
+    assert reasons == {"http_404"}  # the current rejected files no longer list the recovered rows
+    assert (third.rows_out, third.rejected, third.extra["attempt"]) == (42, {"http_404": 5}, 3)
+
+
+def test_memory_budget_bounds_the_crawler_actors_peak(tmp_path) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    noise = np.random.default_rng(0).integers(0, 256, (1400, 1400, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, "PNG", compress_level=0)  # ~5.9 MB body, 2 MP
+    web = _FlakyWeb([], big=buf.getvalue())
+    try:
+        src = write_list([{"url": f"{web.base}/big/{i}.png", "caption": f"big {i}", "query": "q"} for i in range(64)],
+                         str(tmp_path / "list.parquet"))
+        common = {"fetch.max_bytes": 8_000_000, "image.max_pixels": 2_000_000, "threads_per_worker": 32,
+                  "workers": 1, "rows_per_part": 64, "fetch.max_per_host": 32}
+        tight = run(crawl_config([src], str(tmp_path / "tight"), memory_budget_bytes=80 * 2**20, **common))
+        loose = run(crawl_config([src], str(tmp_path / "loose"), memory_budget_bytes=4 * 2**30, **common))
+    finally:
+        web.close()
+    assert tight.rows_out == loose.rows_out == 64
+
+    t, l = tight.extra["memory"], loose.extra["memory"]
+    assert t["bodies_peak_bytes"] <= 80 * 2**20 and t["pixels_peak_bytes"] <= 80 * 2**20
+    # Peak RSS over the part (imports excluded): within the budget plus the interpreter's slack, and
+    # well under what the same crawl holds without a tight budget (which shows the bound is what bites).
+    assert t["part_peak_growth_bytes"] <= 80 * 2**20 + 48 * 2**20, t
+    assert l["part_peak_growth_bytes"] > t["part_peak_growth_bytes"] + 64 * 2**20, (t, l)
+
+
+def test_what_goes_to_ray_tasks_carries_no_secret(s3_server, tmp_path) -> None:
+    import pickle
+
+    import ray.cloudpickle as cloudpickle
+
+    from pipelines.crawl import ray_arguments
+
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    list_uri = s3_server.uri(f"lists-{os.getpid()}/urls.parquet")
+    st = Storage.from_uri(list_uri, s3_server.s3_options())
+    st.write_parquet(pa.table({"url": ["http://127.0.0.1:9/x.jpg"], "caption": ["x"], "query": ["q"]}), "")
+    endpoint = s3_server.s3_options().endpoint_url
+    cfg = crawl_config([list_uri], s3_server.uri(f"crawl-{os.getpid()}"), **{
+        "input_s3.endpoint_url": endpoint, "output.s3.endpoint_url": endpoint})
+    args = ray_arguments(cfg)
+    for dump in (pickle.dumps, cloudpickle.dumps):
+        blob = dump(args)
+        assert secret.encode() not in blob
+        assert os.environ["AWS_ACCESS_KEY_ID"].encode() not in blob or len(os.environ["AWS_ACCESS_KEY_ID"]) < 4

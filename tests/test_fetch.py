@@ -665,15 +665,16 @@ def test_byte_budget_bounds_bodies_held_and_is_given_back(ka_server) -> None:
 
     budget = ByteBudget(600_000)
     names = list(IMAGES)
-    with SafeFetcher(FetchConfig(user_agent_token=TOKEN, allow_networks=("127.0.0.1/32",), max_bytes=500_000),
-                     resolver=FakeDNS(), budget=budget) as f:
+    with SafeFetcher(FetchConfig(user_agent_token=TOKEN, allow_networks=("127.0.0.1/32",), max_bytes=500_000,
+                                 deadline_s=0.25), resolver=FakeDNS(), budget=budget) as f:
         held = [f.fetch(url(ka_server, f"/img/{n}")) for n in names[:10]]
         assert all(r.ok and r.reserved == len(r.body) for r in held)  # declared length reserved, no more
         assert budget.in_use == sum(len(r.body) for r in held) <= budget.capacity
         for r in held:
             f.release(r)
         assert budget.in_use == 0
-        # A reservation that cannot be met before the deadline is a transient reason, not a hang.
+        # A body's worst case is reserved before its request goes out; when that cannot be met within
+        # a few deadlines the row gets a transient reason, not a hang.
         budget.acquire(budget.capacity, timeout=0)
         waited = f.fetch(url(ka_server, f"/img/{names[11]}"))
         budget.release(budget.capacity)
