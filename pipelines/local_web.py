@@ -67,6 +67,10 @@ class WebContent:
 class _Handler(BaseHTTPRequestHandler):
     server: "LocalWebServer._Server"
     protocol_version = "HTTP/1.1"
+    # TCP_NODELAY, as production servers set it: with Nagle on, a kept-alive connection stalls each
+    # response body behind the client's delayed ACK of the headers (40 ms on Linux), which would
+    # measure the socket options of this test server, not the crawler.
+    disable_nagle_algorithm = True
 
     def log_message(self, *args) -> None:  # quiet
         pass
