@@ -37,14 +37,14 @@ def img2dataset_cmd(src: str, out: str, size: int) -> list[str]:
     return [exe, "--url_list", src, "--input_format", "parquet", "--url_col", "url", "--caption_col", "caption",
             "--output_format", "parquet", "--output_folder", out, "--processes_count", str(PROCESSES),
             "--thread_count", str(THREADS), "--image_size", str(size), "--resize_mode", "center_crop",
-            "--number_sample_per_shard", "1000", "--distributor", "multiprocessing", "--enable_wandb", "False",
+            "--number_sample_per_shard", "1000",  # = our rows_per_part "--distributor", "multiprocessing", "--enable_wandb", "False",
             "--timeout", "10", "--retries", "0"]
 
 
 def ours_cmd(src: str, out: str, size: int) -> list[str]:
     return [sys.executable, "-m", "pipelines.crawl", f"input.paths=[{src}]", f"output.path={out}",
             "fetch.allow_networks=[127.0.0.1/32]", f"image.image_size={size}", "image.resize_mode=center_crop",
-            f"workers={PROCESSES}", f"threads_per_worker={THREADS}"]
+            f"workers={PROCESSES}", f"threads_per_worker={THREADS}", "rows_per_part=1000"]
 
 
 def timed(cmd: list[str], log: str) -> float:

@@ -25,6 +25,7 @@ reason, anything else becomes `internal_error` with the exception in `detail`; n
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import io
 import json
 import os
@@ -36,9 +37,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from .config import parse_cli, to_dict
 from .fetch import TRANSIENT, ByteBudget, FetchConfig, SafeFetcher
@@ -47,10 +46,10 @@ from .manifest import Manifest, fingerprint, format_funnel, read_manifest, write
 from .schema import REJECTED_SCHEMA, SAMPLE_SCHEMA
 from .stage import OutputConfig, PartResult, PartStore, RayConfig, already_committed, data_args, finish_stage, init_ray
 from .storage import S3Options, Storage
-from .url_lists import InputConfig, check_columns, detect_format, iter_list_rows
+from .crawl_plan import PLAN_DIR, committed_plan, start_plan, todo_path
+from .url_lists import InputConfig, check_columns, detect_format
 
 STAGE = "crawl"
-PLAN_DIR = "_plan"
 MiB = 1024 * 1024
 
 
@@ -109,121 +108,6 @@ class MemoryPlan:
                 f"and one decode of image.max_pixels={cfg.image.max_pixels} (8 bytes per pixel): "
                 f"raise it to at least {need} or lower those")
         return MemoryPlan(bodies, pixels, write_buffer)
-
-
-# --------------------------------------------------------------------------- plan
-
-
-def part_of(file_index: int, chunk: int) -> str:
-    return f"part-{file_index:05d}-{chunk:05d}"
-
-
-def todo_path(part: str) -> str:
-    """The plan file holding a part's input rows; retry parts (part-X.r2) share their part's."""
-    return f"{PLAN_DIR}/{part.split('.', 1)[0]}.parquet"
-
-
-# A row's identity in the duplicate check: its key as 96 bits, and where it sits (file, row in file).
-_ROW_ID = np.dtype([("hi", "<u8"), ("lo", "<u4"), ("file", "<i4"), ("row", "<i8")])
-
-
-def _key_ids(keys: list[str], file_index: int, rows: np.ndarray) -> np.ndarray:
-    out = np.empty(len(keys), _ROW_ID)
-    out["hi"] = [int(k[:16], 16) for k in keys]
-    out["lo"] = [int(k[16:24], 16) for k in keys]
-    out["file"] = file_index
-    out["row"] = rows
-    return out
-
-
-def plan_file(cfg: CrawlConfig, store: PartStore, index: int, uri: str, fmt: str, buckets: int) -> tuple:
-    """One input file -> its parts' todo files (rows_per_part rows each, in file order), plus the keys of its
-    good rows split into `buckets` arrays for the duplicate check (returned as separate Ray objects)."""
-    storage = Storage.from_uri(uri, cfg.input_s3)
-    parts: list[tuple[str, int]] = []
-    ids: list[np.ndarray] = []
-    pending: list[pa.Table] = []
-    pending_rows = row = 0
-    for table in iter_list_rows(cfg.input, storage.fs, storage.root, fmt):
-        good = pc.is_null(table.column("error"))
-        positions = np.flatnonzero(good.to_numpy(zero_copy_only=False)) + row
-        ids.append(_key_ids(table.filter(good).column("key").to_pylist(), index, positions))
-        row += table.num_rows
-        pending.append(table)
-        pending_rows += table.num_rows
-        while pending_rows >= cfg.rows_per_part:
-            whole = pa.concat_tables(pending)
-            parts.append(_write_todo(store, index, len(parts), whole.slice(0, cfg.rows_per_part)))
-            rest = whole.slice(cfg.rows_per_part)
-            pending, pending_rows = [rest], rest.num_rows
-    if pending_rows:
-        parts.append(_write_todo(store, index, len(parts), pa.concat_tables(pending)))
-    keyed = np.concatenate(ids) if ids else np.empty(0, _ROW_ID)
-    bucket = (keyed["hi"] % np.uint64(buckets)).astype(np.int64)
-    return (parts, *(keyed[bucket == b] for b in range(buckets)))
-
-
-def find_duplicates(*arrays: np.ndarray) -> pa.Table:
-    """Every row whose key an earlier row (lower file, then row) already has: (file, row, first_file, first_row)."""
-    ids = np.concatenate(arrays) if arrays else np.empty(0, _ROW_ID)
-    ids.sort(order=["hi", "lo", "file", "row"])
-    same = (ids["hi"][1:] == ids["hi"][:-1]) & (ids["lo"][1:] == ids["lo"][:-1])
-    later = np.flatnonzero(same) + 1
-    # the first occurrence of each run of equal keys: the nearest earlier position that starts a run
-    starts = np.flatnonzero(np.r_[True, ~same])
-    first = starts[np.searchsorted(starts, later, side="right") - 1]
-    return pa.table({"file": ids["file"][later], "row": ids["row"][later],
-                     "first_file": ids["file"][first], "first_row": ids["row"][first]})
-
-
-def _write_todo(store: PartStore, index: int, chunk: int, table: pa.Table) -> tuple[str, int]:
-    name = part_of(index, chunk)
-    store.storage.write_parquet(table, todo_path(name))
-    return name, table.num_rows
-
-
-@dataclass
-class Plan:
-    """The crawl's parts and, per part, its rows that repeat an earlier row (row in part -> where first seen)."""
-
-    parts: list[tuple[str, int]]
-    duplicates: dict[str, dict[int, str]]
-
-    def descriptors(self) -> list[dict[str, Any]]:
-        return [{"part": name, "duplicates": json.dumps(self.duplicates.get(name, {}))} for name, _ in self.parts]
-
-
-def make_plan(cfg: CrawlConfig, store: PartStore, files: list[tuple[str, str, Any]]) -> Plan:
-    """Plan every input file in parallel (Ray tasks), then find repeated rows across the whole input with a
-    shuffle of 24 bytes per row in `buckets` reducer tasks. Committed as _plan/_plan.json (written last);
-    a rerun with the same fingerprint reads it instead. No Ray Data groupby: on a small cluster its fixed
-    cost (7-9 s for 10,000 rows on 2 cores, measured) would dominate a crawl of that size."""
-    import ray
-
-    marker = f"{PLAN_DIR}/_plan.json"
-    if store.storage.exists(marker):
-        data = json.loads(store.storage.read_bytes(marker))
-        if data.get("fingerprint") == store.fingerprint:
-            dups = {p: {int(r): f for r, f in d.items()} for p, d in data["duplicates"].items()}
-            return Plan([(str(n), int(r)) for n, r in data["parts"]], dups)
-    buckets = max(1, min(64, int(ray.cluster_resources().get("CPU", 1))))
-    task = ray.remote(plan_file).options(num_returns=buckets + 1, num_cpus=0.5, **data_args())
-    refs = [task.remote(cfg, store, i, uri, fmt, buckets) for i, (uri, fmt, _) in enumerate(files)]
-    refs = [r if isinstance(r, list) else [r] for r in refs]
-    reduce = ray.remote(find_duplicates).options(num_cpus=0.5, **data_args())
-    dup_refs = [reduce.remote(*[r[1 + b] for r in refs]) for b in range(buckets)]
-    per_file = ray.get([r[0] for r in refs])
-    found = pa.concat_tables(ray.get(dup_refs))
-    parts = [p for file_parts in per_file for p in file_parts]
-    duplicates: dict[str, dict[int, str]] = {}
-    for f, row, ff, fr in zip(*(found.column(c).to_pylist() for c in ("file", "row", "first_file", "first_row"))):
-        name = part_of(f, row // cfg.rows_per_part)
-        duplicates.setdefault(name, {})[row % cfg.rows_per_part] = (
-            f"{part_of(ff, fr // cfg.rows_per_part)} row {fr % cfg.rows_per_part}")
-    plan = Plan(parts, duplicates)
-    store.storage.write_bytes(marker, json.dumps({"fingerprint": store.fingerprint, "parts": parts,
-                                                  "duplicates": duplicates}).encode())
-    return plan
 
 
 # --------------------------------------------------------------------------- crawl
@@ -332,7 +216,7 @@ class CrawlWorker:
                 if not result.ok:
                     detail = result.detail or (f"status={result.status}" if result.status else "")
                     return _Outcome(rejected=_reject(row, result.reason, detail))
-                image = self._process(result.body or b"")
+                image = process_image(result.body, self.cfg.image, reserve=self._pixels)
             finally:
                 self.fetcher.release(result)
             if not image.ok:
@@ -345,30 +229,19 @@ class CrawlWorker:
         except Exception as err:  # noqa: BLE001 - the safety net; known failures have their own reasons
             return _Outcome(rejected=_reject(row, "internal_error", f"{type(err).__name__}: {err}"[:200]))
 
-    def _process(self, body: bytes):
-        need = min(_decode_bytes(body), self.pixels.capacity)
+    @contextlib.contextmanager
+    def _pixels(self, nbytes: int) -> Iterator[None]:
+        """Hold pixel budget for one decode (images.process_image asks after reading the header)."""
+        need = min(nbytes, self.pixels.capacity)
         self.pixels.acquire(need, timeout=3600.0)  # holders only decode, never wait: no deadlock
         try:
-            return process_image(body, self.cfg.image)
+            yield
         finally:
             self.pixels.release(need)
 
 
 def _reject(row: dict[str, Any], reason: str, detail: str) -> dict[str, Any]:
     return {"key": row["key"], "url": row["url"] or "", "stage": STAGE, "reason": reason, "detail": detail or ""}
-
-
-def _decode_bytes(body: bytes) -> int:
-    """Memory a decode of these bytes may take, from the header alone (8 bytes per pixel: the decode and
-    one converted copy); 0 when the header is unreadable (the image step then refuses it undecoded)."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(body)) as img:
-            width, height = img.size
-    except Exception:  # noqa: BLE001 - any header the image step will refuse with its own reason
-        return 0
-    return 8 * max(0, width) * max(0, height)
 
 
 def _warm_up(cfg: ImageConfig) -> None:
@@ -484,25 +357,25 @@ def run(cfg: CrawlConfig) -> Manifest:
     import ray.data
 
     args = ray_arguments(cfg, fp)
-    planned = time.time()
-    plan = make_plan(cfg, args["store"], files)
+    store = args["store"]
+    workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
+    plan = committed_plan(store)
+    if plan is None:
+        plan = start_plan(cfg, store, files).result()
+        plan.commit(store)
     if not plan.parts:
         raise ValueError(f"URL lists {cfg.input.paths} hold no rows")
-    planned = time.time() - planned
     items = plan.descriptors()
-    workers = min(len(items), cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 2)) // 2))
-    results = (
-        ray.data.from_items(items, override_num_blocks=len(items))
-        .map_batches(CrawlWorker, batch_size=1, fn_constructor_kwargs=args, concurrency=workers, num_cpus=1,
-                     **data_args())
-        .take_all()
-    )
+    # One block per part, so that the actor pool hands parts out one at a time.
+    results = (ray.data.from_items(items, override_num_blocks=len(items))
+               .map_batches(CrawlWorker, batch_size=1, fn_constructor_kwargs=args,
+                            concurrency=min(workers, len(items)), num_cpus=1, **data_args())
+               .take_all())
     parts = [PartResult.loads(r["result"]) for r in results]
     print(f"crawl: {len(parts)} parts ({sum(p.skipped for p in parts)} reused from an earlier run), "
           f"{sum(p.rows_in for p in parts)} input rows", flush=True)
     return finish_stage(out, STAGE, fp, parts, SAMPLE_SCHEMA, to_dict(cfg), started, cfg.input.paths,
-                        extra={"attempt": 1, "memory": _memory_summary(cfg, parts)},
-                        timings={"plan_s": round(planned, 3)})
+                        extra={"attempt": 1, "memory": _memory_summary(cfg, parts)})
 
 
 def _memory_summary(cfg: CrawlConfig, parts: list[PartResult]) -> dict[str, Any]:

@@ -604,12 +604,12 @@ SIZES = [(1, 1), (1, 37), (3, 500), (31, 32), (63, 64), (64, 64), (65, 64), (99,
 @pytest.mark.parametrize("mode", ["no", "keep_ratio", "center_crop", "border", "keep_ratio_largest"])
 @pytest.mark.parametrize("only_bigger", [False, True])
 def test_sizes_and_pixels_match_img2dataset(img2dataset_resizer, mode: str, only_bigger: bool) -> None:
-    # PNG in, PNG out, no JPEG draft: the same OpenCV resize and encode of the same pixels: the same file.
+    # PNG in, PNG out, exact mode: the same OpenCV resize and encode of the same pixels: the same file.
     for w, h in SIZES:
         body = encode(smooth(h, w, w * 1000 + h) if min(w, h) > 1 else np.full((h, w, 3), 90, np.uint8), "PNG")
         for size in (64, 100):
             cfg = ImageConfig(image_size=size, resize_mode=mode, resize_only_if_bigger=only_bigger,
-                              encode_format="png", encode_quality=1)
+                              encode_format="png", encode_quality=1, fast_resize=False)
             theirs = img2dataset_resizer(body, cfg)
             ours = process_image(body, cfg)
             assert (ours.width, ours.height, ours.original_width, ours.original_height) == theirs[1:5], (w, h, size)
@@ -622,7 +622,8 @@ def test_interpolations_match_img2dataset(img2dataset_resizer, interpolation: st
                   "PNG")
     for size, mode in [(64, "keep_ratio"), (300, "keep_ratio"), (97, "border"), (120, "center_crop")]:
         cfg = ImageConfig(image_size=size, resize_mode=mode, upscale_interpolation=interpolation,
-                          downscale_interpolation=interpolation, encode_format="png", encode_quality=1)
+                          downscale_interpolation=interpolation, encode_format="png", encode_quality=1,
+                          fast_resize=False)
         theirs = np.asarray(Image.open(io.BytesIO(img2dataset_resizer(body, cfg)[0])).convert("RGB"))
         assert np.array_equal(stored_pixels(process_image(body, cfg)), theirs), (size, mode)
 
@@ -636,7 +637,7 @@ def test_limits_match_img2dataset(img2dataset_resizer) -> None:
             assert process_image(body, cfg).reason == RESIZER_REASONS.get(err, "ok"), (w, h, min_size, ratio)
 
 
-def test_photos_with_jpeg_draft_stay_close_to_img2dataset(img2dataset_resizer) -> None:
+def test_photos_with_fast_resize_stay_close_to_img2dataset(img2dataset_resizer) -> None:
     from benchmarks.photos import photo
 
     rng = np.random.default_rng(1)
@@ -650,9 +651,11 @@ def test_photos_with_jpeg_draft_stay_close_to_img2dataset(img2dataset_resizer) -
             ours = process_image(buf.getvalue(), cfg)
             assert (ours.width, ours.height, ours.original_width, ours.original_height) == theirs[1:5]
             diff = np.abs(stored_pixels(ours).astype(int) - np.asarray(Image.open(io.BytesIO(theirs[0]))))
-            assert diff.mean() < 4, (w, h, mode, diff.mean())
+            # center_crop also crops before resizing: up to half a (DCT-scaled) source pixel of shift, which
+            # on these grain-heavy synthetic photos reads as a few levels.
+            assert diff.mean() < (6 if mode == "center_crop" else 4), (w, h, mode, diff.mean())
             # Without the draft, PIL's libjpeg-turbo decode equals OpenCV's: the very same file as img2dataset's.
-            full = process_image(buf.getvalue(), ImageConfig(image_size=224, resize_mode=mode, jpeg_draft=False))
+            full = process_image(buf.getvalue(), ImageConfig(image_size=224, resize_mode=mode, fast_resize=False))
             assert full.image == theirs[0]
 
 
@@ -674,7 +677,7 @@ def test_jpeg_draft_only_when_it_shrinks_a_jpeg(monkeypatch: pytest.MonkeyPatch)
     assert process_image(body, ImageConfig(image_size=128, resize_mode="center_crop")).ok
     assert calls == [((900, 600), (192, 128))]
     calls.clear()
-    for cfg in (ImageConfig(image_size=700), ImageConfig(image_size=128, jpeg_draft=False),
+    for cfg in (ImageConfig(image_size=700), ImageConfig(image_size=128, fast_resize=False),
                 ImageConfig(resize_mode="no")):
         assert process_image(body, cfg).ok and not calls
 
@@ -813,8 +816,41 @@ def test_decode_caption_rejects_wrong_type() -> None:
     ({"max_pixels": 10**12}, "max_pixels"),
     ({"allowed_formats": ("JPEG", "NOPE")}, "allowed_formats"),
     ({"downscale_interpolation": "fancy"}, "downscale_interpolation"),
-    ({"jpeg_draft": "yes"}, "jpeg_draft"),
+    ({"fast_resize": "yes"}, "fast_resize"),
 ])
 def test_config_validation_names_the_field(kwargs: dict[str, object], needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
         ImageConfig(**kwargs)
+
+
+def test_fast_center_crop_resizes_only_the_kept_square_and_stays_close(img2dataset_resizer) -> None:
+    # fast_resize crops the source window first; the result is within a level or two of img2dataset's.
+    for w, h in [(641, 555), (700, 300), (333, 250), (300, 700)]:
+        body = encode(smooth(h, w, w + h), "PNG")
+        fast = ImageConfig(image_size=100, resize_mode="center_crop", encode_format="png", encode_quality=1)
+        ours = stored_pixels(process_image(body, fast)).astype(int)
+        theirs = np.asarray(Image.open(io.BytesIO(img2dataset_resizer(body, fast)[0])).convert("RGB")).astype(int)
+        assert ours.shape == theirs.shape == (100, 100, 3)
+        assert np.abs(ours - theirs).mean() < 2.0, (w, h)
+
+
+def test_reserve_is_asked_for_the_decode_before_it_happens() -> None:
+    import contextlib
+
+    asked: list[int] = []
+
+    @contextlib.contextmanager
+    def reserve(nbytes: int):
+        asked.append(nbytes)
+        yield
+
+    body = encode(smooth(300, 500, 1), "PNG")
+    assert process_image(body, ImageConfig(image_size=64), reserve=reserve).ok
+    assert asked == [8 * 300 * 500]
+    jpeg = encode(smooth(600, 800, 2), "JPEG")
+    assert process_image(jpeg, ImageConfig(image_size=64, resize_mode="center_crop"), reserve=reserve).ok
+    assert asked[-1] == 8 * 300 * 400 // 4 or asked[-1] < 8 * 600 * 800  # the drafted (DCT-scaled) size
+    asked.clear()
+    assert process_image(encode(smooth(40, 40, 3), "PNG"), ImageConfig(image_size=64, max_pixels=100),
+                         reserve=reserve).reason == "decompression_bomb"
+    assert asked == []  # refused from the header: nothing reserved, nothing decoded
