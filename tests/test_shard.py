@@ -58,7 +58,13 @@ def test_shards_are_deterministic_sized_and_readable(rows, tmp_path) -> None:
 
 
 def test_shards_on_s3(rows, s3_server) -> None:
+    import ray
     import ray.data
+
+    # Workers resolve S3 credentials themselves (nothing secret is pickled into tasks): a Ray started before
+    # the S3 fixture put its keys in the environment would have none, so start one now.
+    if ray.is_initialized():
+        ray.shutdown()
 
     prefix = f"shard-{uuid.uuid4().hex[:6]}"
     src, out = s3_server.uri(f"{prefix}/dedup"), s3_server.uri(f"{prefix}/shards")
