@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.photos import photo_jpegs
-from pipelines.local_web import LocalWebServer, WebContent
+from pipelines.demo.local_web import LocalWebServer, WebContent
 
 PROCESSES, THREADS = 2, 16
 

@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from pipelines import near_dup as nd
-from pipelines.dedup_core import DedupConfig, plan_dedup
+from pipelines.dedup import near_dup as nd
+from pipelines.dedup.plan import DedupConfig, plan_dedup
 
 OUT = Path(__file__).parent / "out"
 

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.photos import photo_jpegs
-from pipelines.images import ImageConfig, ImageResult, process_image
+from pipelines.core.images import ImageConfig, ImageResult, process_image
 
 
 TARGET_MS = 2.5  # mean per 300-700 px photo at 224 px centre crop, one core

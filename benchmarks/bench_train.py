@@ -85,7 +85,7 @@ def bare_loop(model_name: str, batch: int, steps: int, threads: int) -> dict:
 
 
 def full_path(model_name: str, batch: int, workers: int, shards: str, epochs: int, root: str) -> dict:
-    from pipelines.train import OptimConfig, TrainConfig, TrainDataConfig, resolve_paths, run_training
+    from pipelines.train.stage import OptimConfig, TrainConfig, TrainDataConfig, resolve_paths, run_training
 
     cfg = resolve_paths(TrainConfig(
         model=model_name, global_batch_size=batch, epochs=epochs, zero_stage=2, optim=OptimConfig(lr=1e-3),
@@ -150,7 +150,7 @@ def main() -> None:
 
     import ray
 
-    from pipelines.storage import Storage
+    from pipelines.core.storage import Storage
     from tests.test_train import write_shards
 
     load = os.getloadavg()[0]

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from pipelines.local_s3 import LocalS3
-from pipelines.storage import Storage
+from pipelines.demo.local_s3 import LocalS3
+from pipelines.core.storage import Storage
 
 
 @pytest.fixture(scope="session")

@@ -10,11 +10,11 @@ import imagehash
 import pyarrow as pa
 from PIL import Image
 
-from pipelines.images import process_image, ImageConfig
-from pipelines.manifest import fingerprint
-from pipelines.schema import REJECTED_SCHEMA, SAMPLE_SCHEMA, sample_key
-from pipelines.stage import PartStore, finish_stage
-from pipelines.storage import Storage
+from pipelines.core.images import process_image, ImageConfig
+from pipelines.core.manifest import fingerprint
+from pipelines.core.schema import REJECTED_SCHEMA, SAMPLE_SCHEMA, sample_key
+from pipelines.core.parts import PartStore, finish_stage
+from pipelines.core.storage import Storage
 
 
 def sample_row(image: bytes, caption: str, url: str, query: str = "", cfg: ImageConfig | None = None) -> dict:

@@ -262,7 +262,7 @@ def test_rayjob_runs_the_pipeline_with_the_clusters_groups():
     job = _single_doc("kuberay-rayjob.yaml")["spec"]
     cluster = _single_doc("kuberay-raycluster.yaml")["spec"]
     assert job["entrypoint"] == "python -m pipelines.run --config configs/cluster.yaml"
-    assert (REPO / "pipelines" / "run.py").is_file()
+    assert (REPO / "pipelines" / "run" / "__main__.py").is_file()
     env = yaml.safe_load(job["runtimeEnvYAML"])
     ray.runtime_env.RuntimeEnv(**env)
     assert "pip" not in env and "working_dir" in env
@@ -315,11 +315,11 @@ def test_runtime_env_builds_and_excludes_prune_large_dirs(tmp_path):
     assert not any(re.search(r"(KEY|SECRET|TOKEN)", k) for k in env["env_vars"]), "no credentials in the runtime env"
 
     # A fake repo, walked by Ray's own packaging code with .gitignore off (the excludes alone).
-    kept_files = ["pipelines/run.py", "configs/cluster.yaml", "cluster/aws.yaml", "benchmarks/bench.py",
+    kept_files = ["pipelines/run/dag.py", "configs/cluster.yaml", "cluster/aws.yaml", "benchmarks/bench.py",
                   "clip_model/assets/bpe_simple_vocab_16e6.txt.gz", "README.md"]
     dropped = [".venv/lib/torch/x.so", ".git/objects/ab/cd", "demo_out/run/report.html", "out/run/x.parquet",
                "runs/r1/ckpt.pt", "benchmarks/out/b.json", "clip_on_ray.egg-info/PKG-INFO",
-               "pipelines/__pycache__/run.cpython-311.pyc", ".pytest_cache/v/cache", "urls.parquet"]
+               "pipelines/run/__pycache__/dag.cpython-311.pyc", ".pytest_cache/v/cache", "urls.parquet"]
     for rel in kept_files + dropped:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from clip_model.config import ClipConfig
-from pipelines.config import ConfigError, load_config, parse_cli, to_dict
+from pipelines.core.config import ConfigError, load_config, parse_cli, to_dict
 
 
 @dataclass

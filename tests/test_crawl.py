@@ -10,13 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.config import load_config
-from pipelines.crawl import CrawlConfig, run
-from pipelines.local_web import HOSTILE, LocalWebServer, WebContent
-from pipelines.manifest import read_manifest
-from pipelines.schema import SAMPLE_SCHEMA
-from pipelines.storage import Storage
-from pipelines.synthetic import shape_samples
+from pipelines.core.config import load_config
+from pipelines.crawl.stage import CrawlConfig, run
+from pipelines.demo.local_web import HOSTILE, LocalWebServer, WebContent
+from pipelines.core.manifest import read_manifest
+from pipelines.core.schema import SAMPLE_SCHEMA
+from pipelines.core.storage import Storage
+from pipelines.demo.synthetic import shape_samples
 
 N_IMAGES = 240
 
@@ -154,7 +154,7 @@ def test_crawl_killed_midway_resumes_to_the_same_keys(tmp_path) -> None:
 
 def test_fingerprint_follows_url_list_edits_of_equal_size(tmp_path) -> None:
     """A URL swapped for one of the same length leaves the list's size unchanged; the crawl must still rerun."""
-    from pipelines.crawl import fingerprint_of
+    from pipelines.crawl.stage import fingerprint_of
 
     path = str(tmp_path / "urls.csv")
     write_list([{"url": "http://127.0.0.1:9/img/1.jpg", "caption": "a", "query": "q"}], path, "csv")
@@ -287,7 +287,7 @@ def test_what_goes_to_ray_tasks_carries_no_secret(s3_server, tmp_path) -> None:
 
     import ray.cloudpickle as cloudpickle
 
-    from pipelines.crawl import ray_arguments
+    from pipelines.crawl.stage import ray_arguments
 
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     list_uri = s3_server.uri(f"lists-{os.getpid()}/urls.parquet")

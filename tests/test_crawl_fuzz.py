@@ -31,11 +31,11 @@ import urllib.parse
 import pytest
 from PIL import Image
 
-from pipelines.config import load_config
-from pipelines.crawl import CrawlConfig, run
-from pipelines.fetch import FetchConfig, FetchResult, SafeFetcher
-from pipelines.manifest import Manifest
-from pipelines.storage import Storage
+from pipelines.core.config import load_config
+from pipelines.crawl.stage import CrawlConfig, run
+from pipelines.crawl.fetch import FetchConfig, FetchResult, SafeFetcher
+from pipelines.core.manifest import Manifest
+from pipelines.core.storage import Storage
 
 from .hostile_web import LIST_FORMATS, HostileWeb, count_rows, hostile_lists
 

@@ -10,10 +10,10 @@ import time
 import pytest
 from PIL import Image
 
-from pipelines.config import load_config
-from pipelines.dedup import DedupStageConfig, run
-from pipelines.storage import Storage
-from pipelines.synthetic import digit_samples, encode, shape_samples
+from pipelines.core.config import load_config
+from pipelines.dedup.stage import DedupStageConfig, run
+from pipelines.core.storage import Storage
+from pipelines.demo.synthetic import digit_samples, encode, shape_samples
 
 from .stage_data import commit_rows, sample_row
 

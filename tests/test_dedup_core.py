@@ -15,10 +15,10 @@ import pytest
 import ray
 from PIL import Image, ImageDraw
 
-from pipelines.components import connected_components
-from pipelines.dedup_core import DedupConfig, build_eval_index, overlap_report, plan_dedup
-from pipelines.near_dup import caption_shingles, phash_int64
-from pipelines.schema import sample_key
+from pipelines.dedup.components import connected_components
+from pipelines.dedup.plan import DedupConfig, build_eval_index, overlap_report, plan_dedup
+from pipelines.dedup.near_dup import caption_shingles, phash_int64
+from pipelines.core.schema import sample_key
 
 pytestmark = pytest.mark.slow
 

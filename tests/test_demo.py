@@ -6,10 +6,10 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.demo import DemoConfig, build_web_content, split_args
-from pipelines.eval_sets import open_eval_set
-from pipelines.evaluate import load_classnames
-from pipelines.synthetic import HELD_OUT, shape_classnames
+from pipelines.demo.stage import DemoConfig, build_web_content, split_args
+from pipelines.evaluate.sets import open_eval_set
+from pipelines.evaluate.stage import load_classnames
+from pipelines.demo.synthetic import HELD_OUT, shape_classnames
 
 
 def test_eval_sets_score_unseen_pairs_against_every_pair(tmp_path) -> None:
@@ -49,8 +49,8 @@ def test_rerun_keeps_the_url_list_and_port_so_stages_are_reused(tmp_path, capsys
 
     import pyarrow as pa
 
-    from pipelines.demo import _web_server, _write_if_changed
-    from pipelines.local_web import WebContent
+    from pipelines.demo.stage import _web_server, _write_if_changed
+    from pipelines.demo.local_web import WebContent
 
     path = str(tmp_path / "urls.parquet")
     _write_if_changed(path, pa.table({"url": ["http://127.0.0.1:1/a.jpg"]}))

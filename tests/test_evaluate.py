@@ -30,13 +30,13 @@ from clip_model.model import build_model
 from clip_model.tokenizer import ClipTokenizer
 from clip_model.transforms import EvalTransform
 from clip_model.zeroshot import build_classifier, classification_metrics
-from pipelines.evaluate import EvalConfig, evaluate, main
-from pipelines.linear_probe import ProbeConfig, linear_probe, split_indices
-from pipelines.manifest import FileEntry, Manifest, schema_fields, write_manifest
-from pipelines.near_dup import hamming, phash_int64
-from pipelines.stage import RayConfig, init_ray
-from pipelines.storage import Storage
-from pipelines.synthetic import encode, render_shape, shape_samples
+from pipelines.evaluate.stage import EvalConfig, evaluate, main
+from pipelines.evaluate.linear_probe import ProbeConfig, linear_probe, split_indices
+from pipelines.core.manifest import FileEntry, Manifest, schema_fields, write_manifest
+from pipelines.dedup.near_dup import hamming, phash_int64
+from pipelines.core.runtime import RayConfig, init_ray
+from pipelines.core.storage import Storage
+from pipelines.demo.synthetic import encode, render_shape, shape_samples
 
 REPO = Path(__file__).resolve().parents[1]
 # Distinct colours, large shapes, plain backgrounds: a random network's features separate these
@@ -318,7 +318,7 @@ def test_parquet_set_in_a_wider_label_space(ray_local, work, tiny, folder, templ
     assert res["top1"] == pytest.approx(0.75)  # class 0 (a quarter of the images) answered with a decoy
     assert res["per_class"][names[0]] == 0.0 and res["per_class"][names[1]] == 1.0
     assert res["confusion"][0][4] == PER_CLASS
-    from pipelines.evaluate import format_table
+    from pipelines.evaluate.stage import format_table
 
     table = format_table(res)
     assert "(2 more classes in the label space, no images)" in table

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.fetch import FetchConfig, SafeFetcher, address_allowed, x_robots_opted_out
+from pipelines.crawl.fetch import FetchConfig, SafeFetcher, address_allowed, x_robots_opted_out
 
 TOKEN = "testbot"
 ROBOTS_TXT = b"User-agent: *\nDisallow: /private/\n"
@@ -661,7 +661,7 @@ def test_a_connection_the_server_closed_while_idle_is_replaced_not_failed(ka_ser
 
 
 def test_byte_budget_bounds_bodies_held_and_is_given_back(ka_server) -> None:
-    from pipelines.fetch import ByteBudget
+    from pipelines.crawl.fetch import ByteBudget
 
     budget = ByteBudget(600_000)
     names = list(IMAGES)
@@ -759,7 +759,7 @@ def test_robots_txt_over_the_cap_is_truncated_and_parsed(ka_server) -> None:
         base = url(ka_server, "")
         # ?robots= changes only what /robots.txt returns; the origin (and cache) is the same host
         f._robots.get(f"http://127.0.0.1:{ka_server[1]}", lambda: f._load_robots(
-            __import__("pipelines.fetch", fromlist=["_parse_target"])._parse_target(
+            __import__("pipelines.crawl.fetch", fromlist=["_parse_target"])._parse_target(
                 base + "/robots.txt?robots=" + urllib.parse.quote(big))))
         assert f.fetch(url(ka_server, "/private/0.jpg")).reason == "robots_disallow"
         assert f.fetch(url(ka_server, "/img/0.jpg")).ok
@@ -782,7 +782,7 @@ def test_unparseable_redirect_targets_are_reasons(server, fetcher, location: str
 
 @pytest.mark.parametrize("value", ["²", "1e400", "-5", "Wed, 99 Foo 2024", "99999999999999999999999"])
 def test_odd_retry_after_values_never_raise(value: str) -> None:
-    from pipelines.fetch import _retry_after
+    from pipelines.crawl.fetch import _retry_after
 
     got = _retry_after(value)
     assert got is None or got >= 0

@@ -1,12 +1,12 @@
 import pyarrow as pa
 import pytest
 
-from pipelines.config import load_config
-from pipelines.filter import FilterStageConfig, run
-from pipelines.filters import FilterConfig, caption_reason, detect_language, image_reason, query_cutoffs
-from pipelines.manifest import read_manifest
-from pipelines.storage import Storage
-from pipelines.synthetic import shape_samples
+from pipelines.core.config import load_config
+from pipelines.filter.stage import FilterStageConfig, run
+from pipelines.filter.rules import FilterConfig, caption_reason, detect_language, image_reason, query_cutoffs
+from pipelines.core.manifest import read_manifest
+from pipelines.core.storage import Storage
+from pipelines.demo.synthetic import shape_samples
 
 from .stage_data import commit_rows, sample_row
 

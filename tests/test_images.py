@@ -17,8 +17,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image, ImageCms
 
-from pipelines import images
-from pipelines.images import ImageConfig, ImageResult, decode_caption, image_phash, process_image
+from pipelines.core import images as images
+from pipelines.core.images import ImageConfig, ImageResult, decode_caption, image_phash, process_image
 
 FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WEBP", "GIF": "GIF", "BMP": "BMP"}
 

@@ -7,21 +7,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from pipelines.local_s3 import LocalS3
-from pipelines.manifest import (
-    MANIFEST_NAME,
-    FileEntry,
-    Manifest,
-    ManifestError,
-    committed,
-    fingerprint,
-    format_funnel,
-    read_manifest,
-    schema_fields,
-    strip_secrets,
-    write_manifest,
-)
-from pipelines.storage import Storage, StorageError
+from pipelines.demo.local_s3 import LocalS3
+from pipelines.core.manifest import (MANIFEST_NAME, FileEntry, Manifest, ManifestError, committed, fingerprint, format_funnel, read_manifest, schema_fields, strip_secrets, write_manifest)
+from pipelines.core.storage import Storage, StorageError
 
 CONFIG = {"min_side": 64, "langs": ["en", "de"], "clip": {"model": "ViT-B/32", "threshold": 0.28}}
 

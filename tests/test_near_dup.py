@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import near_dup as nd
-from pipelines.dedup_core import DedupConfig
+from pipelines.dedup import near_dup as nd
+from pipelines.dedup.plan import DedupConfig
 
 
 def _py_hamming(a: int, b: int) -> int:

@@ -26,8 +26,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipelines.manifest import FileEntry, Manifest, fingerprint  # noqa: E402
-from pipelines.report import build_report_html, write_report  # noqa: E402
+from pipelines.core.manifest import FileEntry, Manifest, fingerprint  # noqa: E402
+from pipelines.run.report import build_report_html, write_report  # noqa: E402
 
 EVIL = '<script>alert(1)</script> & "quotes"'
 # Bright colours that nothing else on the page uses: the screenshot must contain them.

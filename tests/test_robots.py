@@ -15,15 +15,7 @@ from collections.abc import Callable
 
 import pytest
 
-from pipelines.robots import (
-    ALLOW_ALL,
-    UNAVAILABLE,
-    RobotsCache,
-    RobotsRules,
-    parse_robots,
-    rules_for_response,
-    tdm_reserved,
-)
+from pipelines.crawl.robots import (ALLOW_ALL, UNAVAILABLE, RobotsCache, RobotsRules, parse_robots, rules_for_response, tdm_reserved)
 
 TOKEN = "clip-on-ray-bot"
 

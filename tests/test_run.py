@@ -24,11 +24,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.local_web import LocalWebServer, WebContent
-from pipelines.manifest import read_manifest
-from pipelines.run import STAGES, Selection, load_run_config, plan
-from pipelines.storage import Storage
-from pipelines.synthetic import digit_samples, shape_samples
+from pipelines.demo.local_web import LocalWebServer, WebContent
+from pipelines.core.manifest import read_manifest
+from pipelines.run.dag import STAGES, Selection, load_run_config, plan
+from pipelines.core.storage import Storage
+from pipelines.demo.synthetic import digit_samples, shape_samples
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -275,8 +275,8 @@ def test_config_errors_name_the_key(data, tmp_path):
 
 def test_evaluate_fingerprint_follows_template_and_classname_files(tmp_path):
     """Prompt and class-name files count by content: an edit of the same size still re-evaluates."""
-    from pipelines.manifest import Manifest, write_manifest
-    from pipelines.run import stage_fingerprint
+    from pipelines.core.manifest import Manifest, write_manifest
+    from pipelines.run.dag import stage_fingerprint
 
     train_dir = tmp_path / "train"
     write_manifest(Storage.from_uri(str(train_dir)), "",

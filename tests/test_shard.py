@@ -3,11 +3,11 @@ import uuid
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.config import load_config
-from pipelines.manifest import read_manifest
-from pipelines.shard import ShardConfig, run
-from pipelines.storage import Storage
-from pipelines.synthetic import shape_samples
+from pipelines.core.config import load_config
+from pipelines.core.manifest import read_manifest
+from pipelines.shard.stage import ShardConfig, run
+from pipelines.core.storage import Storage
+from pipelines.demo.synthetic import shape_samples
 
 from .stage_data import commit_rows, sample_row
 

@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-from pipelines.config import load_config
+from pipelines.core.config import load_config
 
 STAGES = {
     "crawl.yaml": ("pipelines.crawl", "CrawlConfig", ["input.paths=[urls.parquet]"]),
@@ -24,7 +24,7 @@ def test_config_file_loads(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["run_tiny.yaml", "demo.yaml", "cluster.yaml"])
 def test_run_config_file_loads(name: str) -> None:
-    from pipelines.run import STAGES, Selection, load_run_config
+    from pipelines.run.dag import STAGES, Selection, load_run_config
 
     cfg = load_run_config(f"configs/{name}")
     assert cfg.root and cfg.train.model

@@ -14,8 +14,8 @@ import pyarrow.fs as pafs
 import pytest
 import ray.cloudpickle
 
-from pipelines.local_s3 import LocalS3, LocalS3Error, _free_ports
-from pipelines.storage import LocalStorage, S3Options, S3Storage, Storage, StorageError
+from pipelines.demo.local_s3 import LocalS3, LocalS3Error, _free_ports
+from pipelines.core.storage import LocalStorage, S3Options, S3Storage, Storage, StorageError
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -22,12 +22,12 @@ import torch
 from clip_model import build_loss, build_model
 from clip_model.export import load_export
 from clip_model.optim import param_groups
-from pipelines.manifest import FileEntry, Manifest, write_manifest
-from pipelines.schema import SAMPLE_SCHEMA, sample_key
-from pipelines.storage import Storage
-from pipelines.synthetic import shape_samples
-from pipelines.train import OptimConfig, TrainConfig, TrainDataConfig, resolve_paths, run_training
-from pipelines.train_loop import ContrastiveModel, feature_cached_step, warmup_cosine
+from pipelines.core.manifest import FileEntry, Manifest, write_manifest
+from pipelines.core.schema import SAMPLE_SCHEMA, sample_key
+from pipelines.core.storage import Storage
+from pipelines.demo.synthetic import shape_samples
+from pipelines.train.stage import OptimConfig, TrainConfig, TrainDataConfig, resolve_paths, run_training
+from pipelines.train.loop import ContrastiveModel, feature_cached_step, warmup_cosine
 
 pytestmark = pytest.mark.slow
 
@@ -94,7 +94,7 @@ def history(storage_root: str, run: str, s3=None) -> list[dict]:
 def reference_losses(cfg: TrainConfig, shards: str, steps: int, total: int | None = None) -> list[float]:
     """Per-step losses of a plain single-process PyTorch run over the whole global batch: same
     initial weights (seed), AdamW groups, warmup-cosine schedule and gradient clipping."""
-    from pipelines.train_data import committed_files, load_tokenizer, prepare_rows
+    from pipelines.train.data import committed_files, load_tokenizer, prepare_rows
     from clip_model.transforms import TrainTransform
 
     storage, files, _ = committed_files(shards)
@@ -254,7 +254,7 @@ def test_elastic_resume_zero3_with_feature_cached_accumulation(ray_session, shar
 def test_incomplete_checkpoint_is_never_chosen(tmp_path) -> None:
     import pyarrow.fs as pafs
 
-    from pipelines.checkpointing import MARKER_FILE, newest_complete
+    from pipelines.train.checkpointing import MARKER_FILE, newest_complete
 
     for step, complete in ((3, True), (6, True), (9, False)):
         d = tmp_path / f"checkpoint_{step:08d}"

@@ -19,10 +19,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-import pipelines.url_lists as ul
-from pipelines.schema import sample_key
-from pipelines.url_lists import (FORMATS, LIST_SCHEMA, REASONS, InputConfig, check_columns, detect_format,
-                                 iter_list_rows)
+import pipelines.crawl.lists as ul
+from pipelines.core.schema import sample_key
+from pipelines.crawl.lists import (FORMATS, LIST_SCHEMA, REASONS, InputConfig, check_columns, detect_format, iter_list_rows)
 
 FS = pafs.LocalFileSystem()
 SURROGATE = re.compile("[\ud800-\udfff]")

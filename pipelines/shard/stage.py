@@ -20,11 +20,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import parse_cli, to_dict
-from .filter import read_committed
-from .manifest import MANIFEST_NAME, Manifest, fingerprint
-from .stage import OutputConfig, PartResult, RayConfig, already_committed, data_args, finish_stage, init_ray
-from .storage import S3Options, Storage
+from pipelines.core.config import parse_cli, to_dict
+from pipelines.filter.stage import read_committed
+from pipelines.core.manifest import MANIFEST_NAME, Manifest, fingerprint
+from pipelines.core.parts import OutputConfig, PartResult, already_committed, finish_stage
+from pipelines.core.runtime import RayConfig, data_args, init_ray
+from pipelines.core.storage import S3Options, Storage
 
 STAGE = "shard"
 _ORDER = "_shard_order"

@@ -22,13 +22,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .config import parse_cli, to_dict
-from .filters import FilterConfig, over_query_cap, row_reasons
-from .manifest import Manifest, fingerprint, read_manifest
-from .schema import REJECTED_SCHEMA, SAMPLE_SCHEMA
-from .stage import (OutputConfig, PartResult, PartStore, RayConfig, already_committed, data_args, finish_stage, init_ray,
-                    run_file_parts)
-from .storage import S3Options, Storage
+from pipelines.core.config import parse_cli, to_dict
+from pipelines.filter.rules import FilterConfig, over_query_cap, row_reasons
+from pipelines.core.manifest import Manifest, fingerprint, read_manifest
+from pipelines.core.schema import REJECTED_SCHEMA, SAMPLE_SCHEMA
+from pipelines.core.parts import OutputConfig, PartResult, PartStore, already_committed, finish_stage, run_file_parts
+from pipelines.core.runtime import RayConfig, data_args, init_ray
+from pipelines.core.storage import S3Options, Storage
 
 STAGE = "filter"
 

@@ -23,8 +23,8 @@ import ray
 from ray.data.aggregate import Count, Sum
 from scipy.sparse import coo_matrix, csgraph
 
-from .near_dup import partition_of, splitmix64
-from .stage import data_args
+from pipelines.dedup.near_dup import partition_of, splitmix64
+from pipelines.core.runtime import data_args
 
 EDGE_SCHEMA = pa.schema([("src", pa.int64()), ("dst", pa.int64())])
 

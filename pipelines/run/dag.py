@@ -41,16 +41,17 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ConfigError, build_config, load_raw, to_dict
-from .crawl import CrawlConfig
-from .dedup import DedupStageConfig
-from .evaluate import TASKS
-from .filter import FilterStageConfig
-from .manifest import Manifest, fingerprint, read_manifest, write_manifest
-from .shard import ShardConfig
-from .stage import OutputConfig, RayConfig
-from .storage import S3Options, Storage
-from .train import TrainConfig
+from pipelines.core.config import ConfigError, build_config, load_raw, to_dict
+from pipelines.crawl.stage import CrawlConfig
+from pipelines.dedup.stage import DedupStageConfig
+from pipelines.evaluate.stage import TASKS
+from pipelines.filter.stage import FilterStageConfig
+from pipelines.core.manifest import Manifest, fingerprint, read_manifest, write_manifest
+from pipelines.shard.stage import ShardConfig
+from pipelines.core.parts import OutputConfig
+from pipelines.core.runtime import RayConfig
+from pipelines.core.storage import S3Options, Storage
+from pipelines.train.stage import TrainConfig
 
 STAGES = ("crawl", "filter", "dedup", "shard", "train", "evaluate")
 DATA_STAGES = STAGES[:4]
@@ -190,7 +191,11 @@ def _job_fingerprint(job: EvalJob) -> dict:
 
 def stage_fingerprint(cfg: RunConfig, stage: str, dirs: dict[str, str]) -> str:
     """The fingerprint `stage` commits under, given its upstream directories (which must be committed)."""
-    from . import crawl, dedup, filter as filter_, shard, train
+    from pipelines import crawl
+    from pipelines import dedup
+    from pipelines import filter as filter_
+    from pipelines import shard
+    from pipelines import train
 
     if stage == "evaluate":
         train_manifest = _manifest(cfg, dirs["train"])
@@ -364,7 +369,10 @@ def run_pipeline(cfg: RunConfig, sel: Selection = Selection(), dry_run: bool = F
 
 
 def _execute(cfg: RunConfig, stage: str, dirs: dict[str, str], step: Step) -> Any:
-    from . import crawl, dedup, filter as filter_, shard
+    from pipelines import crawl
+    from pipelines import dedup
+    from pipelines import filter as filter_
+    from pipelines import shard
 
     if stage in DATA_STAGES:
         module = {"crawl": crawl, "filter": filter_, "dedup": dedup, "shard": shard}[stage]
@@ -382,7 +390,7 @@ def _execute(cfg: RunConfig, stage: str, dirs: dict[str, str], step: Step) -> An
 
 
 def _train(cfg: RunConfig, dirs: dict[str, str], step: Step) -> dict[str, Any]:
-    from .train import run_training
+    from pipelines.train.stage import run_training
 
     tcfg = wire(cfg, "train", dirs, step.fingerprint)
     summary = run_training(tcfg)
@@ -398,7 +406,7 @@ def _train(cfg: RunConfig, dirs: dict[str, str], step: Step) -> dict[str, Any]:
 
 
 def _evaluate(cfg: RunConfig, dirs: dict[str, str], step: Step) -> dict[str, Any]:
-    from .evaluate import EvalConfig, evaluate
+    from pipelines.evaluate.stage import EvalConfig, evaluate
 
     out = Storage.from_uri(step.path, cfg.s3)
     export = Storage.from_uri(dirs["train"], cfg.s3).uri("export")
@@ -469,7 +477,7 @@ def collect_report(cfg: RunConfig, steps: list[Step], dirs: dict[str, str], star
 def _write_report(cfg: RunConfig, steps: list[Step], dirs: dict[str, str], started: float, command: str,
                   error: BaseException | None) -> str:
     try:
-        from .report import build_report_html
+        from pipelines.run.report import build_report_html
 
         html = build_report_html(collect_report(cfg, steps, dirs, started, command, error))
     except Exception as err:  # a broken report must not hide the run's own error

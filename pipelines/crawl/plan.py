@@ -20,12 +20,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .stage import PartStore, data_args
-from .storage import Storage
-from .url_lists import iter_list_rows
+from pipelines.core.parts import PartStore
+from pipelines.core.runtime import data_args
+from pipelines.core.storage import Storage
+from pipelines.crawl.lists import iter_list_rows
 
 if TYPE_CHECKING:
-    from .crawl import CrawlConfig
+    from pipelines.crawl.stage import CrawlConfig
 
 PLAN_DIR = "_plan"
 PLAN_MARKER = f"{PLAN_DIR}/_plan.json"

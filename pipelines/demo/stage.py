@@ -26,9 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from .config import load_config
-from .local_web import LocalWebServer, WebContent
-from .synthetic import digit_samples, encode, shape_classnames, shape_samples
+from pipelines.core.config import load_config
+from pipelines.demo.local_web import LocalWebServer, WebContent
+from pipelines.demo.synthetic import digit_samples, encode, shape_classnames, shape_samples
 
 
 @dataclass
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(work, exist_ok=True)
     s3 = None
     if cfg.storage == "s3":
-        from .local_s3 import LocalS3
+        from pipelines.demo.local_s3 import LocalS3
 
         s3 = LocalS3(os.path.join(work, "s3"), bucket="clip-demo", access_key="demo-key", secret_key="demo-secret")
         s3.start()
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(cfg: DemoConfig, run_args: list[str], work: str, s3, started: float) -> None:
-    from .run import Selection, load_run_config, run_pipeline
+    from pipelines.run.dag import Selection, load_run_config, run_pipeline
 
     _banner("generating the web: shapes x colours x sizes x backgrounds, digits, duplicates, hostile cases")
     content = build_web_content(cfg, os.path.join(work, "eval"))
@@ -213,7 +213,7 @@ def _run(cfg: DemoConfig, run_args: list[str], work: str, s3, started: float) ->
     train_dir = out["dirs"]["train"]
     print(f"exported model: {train_dir}/export")
     evaluated = {}
-    from .storage import Storage
+    from pipelines.core.storage import Storage
 
     ev = Storage.from_uri(out["dirs"]["evaluate"], run_cfg.s3)
     print(f"{'eval set':<22} {'classes':>8} {'images':>7} {'single template top1':>22} {'ensemble top1':>15} "

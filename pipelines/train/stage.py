@@ -22,9 +22,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pipelines.config import parse_cli, to_dict
-from pipelines.stage import RayConfig, init_ray
-from pipelines.storage import S3Options, Storage
+from pipelines.core.config import parse_cli, to_dict
+from pipelines.core.runtime import RayConfig, init_ray
+from pipelines.core.storage import S3Options, Storage
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def build_trainer(cfg: TrainConfig, datasets: dict[str, Any], rows: int):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.train_loop import train_loop_per_worker
+    from pipelines.train.loop import train_loop_per_worker
 
     counts = cfg.worker_counts()
     num_workers = counts.start if len(counts) == 1 else (counts.start, counts.stop - 1)
@@ -250,8 +250,8 @@ _OPERATIONAL_DATA = ("manifest", "s3", "map_batch_size", "map_concurrency", "map
 def fingerprint_of(cfg: TrainConfig) -> str:
     """The training run's identity: what it learns from (the committed shards) and how (the settings
     that shape the weights)."""
-    from pipelines.filter import read_committed
-    from pipelines.manifest import fingerprint
+    from pipelines.filter.stage import read_committed
+    from pipelines.core.manifest import fingerprint
 
     _, shards = read_committed(cfg.data.manifest, cfg.data.s3, "shard")
     conf = {k: v for k, v in to_dict(cfg).items() if k not in _OPERATIONAL}
@@ -261,7 +261,7 @@ def fingerprint_of(cfg: TrainConfig) -> str:
 
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or resume) and return the summary that rank 0 wrote next to the export."""
-    from pipelines.train_data import build_train_dataset, committed_files
+    from pipelines.train.data import build_train_dataset, committed_files
 
     cfg = resolve_paths(cfg)
     if not cfg.data.manifest:

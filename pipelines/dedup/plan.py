@@ -25,9 +25,9 @@ import ray
 from ray.data import ActorPoolStrategy
 from ray.data.aggregate import Count, Sum
 
-from . import near_dup as nd
-from .components import connected_components
-from .stage import data_args
+from pipelines.dedup import near_dup as nd
+from pipelines.dedup.components import connected_components
+from pipelines.core.runtime import data_args
 
 REASONS = ("exact_dup_url", "exact_dup_image", "near_dup_image", "near_dup_caption", "eval_overlap")
 REQUIRED_COLUMNS = ("key", "url", "sha256", "phash", "width", "height", "original_width", "original_height",

@@ -25,9 +25,9 @@ from torch import nn
 from clip_model import CLIP, build_loss, build_model
 from clip_model.model import LOGIT_SCALE_MAX
 from clip_model.optim import param_groups
-from pipelines import checkpointing as ckpt_io
-from pipelines.train import TrainConfig, run_dir
-from pipelines.train_data import load_tokenizer, steps_per_epoch
+from pipelines.train import checkpointing as ckpt_io
+from pipelines.train.stage import TrainConfig, run_dir
+from pipelines.train.data import load_tokenizer, steps_per_epoch
 
 
 class ContrastiveModel(nn.Module):

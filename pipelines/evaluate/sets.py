@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from .stage import data_args
-from .storage import S3Options, Storage
+from pipelines.core.runtime import data_args
+from pipelines.core.storage import S3Options, Storage
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 

@@ -20,15 +20,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .config import parse_cli, to_dict
-from .dedup_core import DedupConfig, build_eval_index, overlap_report, plan_dedup
-from .eval_sets import EvalSet, open_eval_set, read_eval_set
-from .filter import read_committed
-from .manifest import Manifest, fingerprint
-from .schema import REJECTED_SCHEMA
-from .stage import (OutputConfig, PartResult, PartStore, RayConfig, already_committed, data_args, finish_stage, init_ray,
-                    run_file_parts)
-from .storage import S3Options, Storage
+from pipelines.core.config import parse_cli, to_dict
+from pipelines.dedup.plan import DedupConfig, build_eval_index, overlap_report, plan_dedup
+from pipelines.evaluate.sets import EvalSet, open_eval_set, read_eval_set
+from pipelines.filter.stage import read_committed
+from pipelines.core.manifest import Manifest, fingerprint
+from pipelines.core.schema import REJECTED_SCHEMA
+from pipelines.core.parts import OutputConfig, PartResult, PartStore, already_committed, finish_stage, run_file_parts
+from pipelines.core.runtime import RayConfig, data_args, init_ray
+from pipelines.core.storage import S3Options, Storage
 
 STAGE = "dedup"
 KEY_COLUMNS = ["key", "url", "sha256", "phash", "caption", "width", "height", "original_width", "original_height"]
@@ -75,7 +75,7 @@ def _phash_batch(batch: dict[str, Any]) -> dict[str, list[int]]:
 
     from PIL import Image
 
-    from .near_dup import phash_int64
+    from pipelines.dedup.near_dup import phash_int64
 
     return {"phash": [phash_int64(Image.open(io.BytesIO(b)).convert("RGB")) for b in batch["image"]]}
 

@@ -47,12 +47,12 @@ from clip_model.export import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, load_expo
 from clip_model.transforms import EvalTransform
 from clip_model.zeroshot import build_classifier, classification_metrics, load_templates, retrieval_metrics
 
-from .config import to_dict
-from .eval_sets import EvalSet, open_eval_set, read_eval_set
-from .linear_probe import ProbeConfig, linear_probe, split_indices
-from .manifest import Manifest, ManifestError, read_manifest
-from .stage import RayConfig, data_args, init_ray
-from .storage import S3Options, Storage, StorageError
+from pipelines.core.config import to_dict
+from pipelines.evaluate.sets import EvalSet, open_eval_set, read_eval_set
+from pipelines.evaluate.linear_probe import ProbeConfig, linear_probe, split_indices
+from pipelines.core.manifest import Manifest, ManifestError, read_manifest
+from pipelines.core.runtime import RayConfig, data_args, init_ray
+from pipelines.core.storage import S3Options, Storage, StorageError
 
 SINGLE_TEMPLATE = "a photo of a {}."
 TASKS = ("zeroshot", "linear-probe", "retrieval")
@@ -180,7 +180,7 @@ class ImageEmbedder:
         if self.with_phash:
             from PIL import Image
 
-            from .near_dup import phash_int64
+            from pipelines.dedup.near_dup import phash_int64
 
             out["phash"] = np.array([phash_int64(Image.open(io.BytesIO(b)).convert("RGB")) for b in batch["image"]],
                                     dtype=np.int64)
@@ -346,7 +346,7 @@ def overlap_mask(train: tuple[Storage, Manifest], phashes: np.ndarray, radius: i
     """True for eval images within `radius` bits of some training row's phash."""
     import ray.data
 
-    from .dedup_core import build_eval_index
+    from pipelines.dedup.plan import build_eval_index
 
     st, manifest = train
     mask = np.zeros(len(phashes), dtype=bool)
@@ -366,7 +366,7 @@ def _match(batch: pa.Table, index: Any, radius: int) -> pa.Table:
     """dedup's EvalMatcher as a plain task: Ray Data reuses warm workers for tasks, while an actor
     pool starts fresh processes; rebuilding the pigeonhole tables of a small eval set per batch is
     cheaper than that start-up."""
-    from .dedup_core import EvalMatcher
+    from pipelines.dedup.plan import EvalMatcher
 
     return EvalMatcher(index, radius)(batch)
 
@@ -456,7 +456,7 @@ def _classification(cfg: EvalConfig, model: Any, tokenizer: Any, classnames: lis
 
 
 def _plots(results: dict, output: str) -> list[str]:
-    from .eval_plots import confusion_png, per_class_png
+    from pipelines.evaluate.plots import confusion_png, per_class_png
 
     names = results["classnames"]
     title = f"{results['task']} on {os.path.basename(results['dataset'].rstrip('/'))}"

@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .robots import RobotsCache, RobotsRules, rules_for_response, tdm_reserved
+from pipelines.crawl.robots import RobotsCache, RobotsRules, rules_for_response, tdm_reserved
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

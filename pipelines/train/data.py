@@ -16,8 +16,8 @@ import numpy as np
 
 from clip_model.config import ClipConfig
 from clip_model.transforms import TrainTransform
-from pipelines.manifest import read_manifest
-from pipelines.storage import Storage
+from pipelines.core.manifest import read_manifest
+from pipelines.core.storage import Storage
 
 # The only columns the trainer needs; the rest of SAMPLE_SCHEMA is never read from the shards.
 READ_COLUMNS = ["key", "image", "caption"]

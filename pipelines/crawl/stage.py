@@ -39,15 +39,16 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
-from .config import parse_cli, to_dict
-from .fetch import TRANSIENT, ByteBudget, FetchConfig, SafeFetcher
-from .images import ImageConfig, process_image
-from .manifest import Manifest, fingerprint, format_funnel, read_manifest, write_manifest
-from .schema import REJECTED_SCHEMA, SAMPLE_SCHEMA
-from .stage import OutputConfig, PartResult, PartStore, RayConfig, already_committed, data_args, finish_stage, init_ray
-from .storage import S3Options, Storage
-from .crawl_plan import PLAN_DIR, committed_plan, start_plan, todo_path
-from .url_lists import InputConfig, check_columns, detect_format
+from pipelines.core.config import parse_cli, to_dict
+from pipelines.crawl.fetch import TRANSIENT, ByteBudget, FetchConfig, SafeFetcher
+from pipelines.core.images import ImageConfig, process_image
+from pipelines.core.manifest import Manifest, fingerprint, format_funnel, read_manifest, write_manifest
+from pipelines.core.schema import REJECTED_SCHEMA, SAMPLE_SCHEMA
+from pipelines.core.parts import OutputConfig, PartResult, PartStore, already_committed, finish_stage
+from pipelines.core.runtime import RayConfig, data_args, init_ray
+from pipelines.core.storage import S3Options, Storage
+from pipelines.crawl.plan import PLAN_DIR, committed_plan, start_plan, todo_path
+from pipelines.crawl.lists import InputConfig, check_columns, detect_format
 
 STAGE = "crawl"
 MiB = 1024 * 1024

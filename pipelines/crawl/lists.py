@@ -93,7 +93,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs  # noqa: F401  (pa.fs in the signatures)
 import pyarrow.parquet as pq
 
-from .schema import sample_key
+from pipelines.core.schema import sample_key
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl")
 

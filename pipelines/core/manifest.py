@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipelines.storage import Storage
+from pipelines.core.storage import Storage
 
 MANIFEST_NAME = "_manifest.json"
 MANIFEST_VERSION = 1

@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipelines.storage import S3Options
+from pipelines.core.storage import S3Options
 
 
 class LocalS3Error(RuntimeError):

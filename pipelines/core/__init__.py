@@ -1,0 +1,1 @@
+"""What every stage shares: configs, storage, manifests, parts and commits, the data schema, images."""

@@ -1,0 +1,65 @@
+"""Where a stage runs: the Ray cluster it joins or starts, and the resources its data tasks ask for."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RayConfig:
+    # Ray cluster address; None = $RAY_ADDRESS if set (e.g. under `ray job submit`), else a local Ray.
+    address: str | None = None
+    # Local Ray only: logical CPUs. Ray Train workers hold their CPUs for the whole run, so a local
+    # Ray needs more logical CPUs than cores or data tasks starve (default: max(4, 2 * cores)).
+    num_cpus: int | None = None
+    # Ray Data's shuffle for groupbys and sorts. Ray 2.60 defaults to an actor-based hash shuffle whose
+    # fixed cost was 20-30 s per groupby on a 2-core machine, against 1-2 s for the pull-based sort
+    # shuffle; on large clusters "hash_shuffle" may pay off. null = Ray's default.
+    shuffle_strategy: str | None = "sort_shuffle_pull_based"
+    # Custom resources every data-stage task and actor asks for, e.g. {data_node: 0.001}: on a cluster whose
+    # CPU node group advertises `data_node` (cluster/aws.yaml, cluster/kuberay-*.yaml) the data stages then
+    # land only there, while training asks for GPUs and lands on the GPU group. {} = anywhere.
+    data_resources: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ValueError(f"ray.num_cpus must be >= 1, got {self.num_cpus}")
+        allowed = ("sort_shuffle_pull_based", "sort_shuffle_push_based", "hash_shuffle", "shuffle_v2")
+        if self.shuffle_strategy is not None and self.shuffle_strategy not in allowed:
+            raise ValueError(f"ray.shuffle_strategy must be one of {allowed} or null, got {self.shuffle_strategy!r}")
+        if any(v <= 0 for v in self.data_resources.values()):
+            raise ValueError(f"ray.data_resources amounts must be > 0, got {self.data_resources}")
+
+
+_DATA_RESOURCES: dict[str, float] = {}
+
+
+def data_args() -> dict:
+    """Extra Ray remote args for every data-stage map: the custom resources of RayConfig.data_resources."""
+    return {"resources": dict(_DATA_RESOURCES)} if _DATA_RESOURCES else {}
+
+
+def init_ray(cfg: RayConfig) -> None:
+    import ray
+    import ray.data
+
+    _DATA_RESOURCES.clear()
+    _DATA_RESOURCES.update(cfg.data_resources)
+    if cfg.shuffle_strategy is not None:
+        from ray.data.context import ShuffleStrategy
+
+        ray.data.DataContext.get_current().shuffle_strategy = ShuffleStrategy(cfg.shuffle_strategy)
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        num_cpus = cfg.num_cpus or max(4, 2 * (os.cpu_count() or 1))
+        # Metrics export off: nothing scrapes it on a laptop, and its exporter thread has crashed
+        # workers at shutdown (ray-project/ray#36885).
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}},
+                 _system_config={"enable_metrics_collection": False})

@@ -1,0 +1,5 @@
+"""Stage 3, dedup: exact and near duplicates, eval-set decontamination. See stage.py."""
+
+from pipelines.dedup.stage import DedupStageConfig, fingerprint_of, main, run
+
+__all__ = ["DedupStageConfig", "fingerprint_of", "main", "run"]
