@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import types
 import typing
 from collections.abc import Sequence
@@ -123,11 +124,12 @@ def _build_dataclass(cls: type[T], data: Any, prefix: str, source: str) -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{section} in {source} must be a mapping for {cls.__name__}, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
+        guess = did_you_mean(str(unknown[0]), cls)
         raise ConfigError(
-            f"unknown key {prefix}{unknown[0]!s} in {source}; valid keys for {section} "
-            f"({cls.__name__}): {', '.join(sorted(fields))}"
+            f"unknown key {prefix}{unknown[0]!s}" + (f" (did you mean {prefix}{guess}?)" if guess else "")
+            + f" in {source}; valid keys for {section} ({cls.__name__}): {', '.join(sorted(fields))}"
         )
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -140,6 +142,40 @@ def _build_dataclass(cls: type[T], data: Any, prefix: str, source: str) -> T:
         return cls(**kwargs)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"invalid {section} ({cls.__name__}) in {source}: {err}") from err
+
+
+def config_keys(cls: type) -> list[str]:
+    """Every dotted key of a config class, nested dataclasses flattened (`fetch.max_bytes`); a nested
+    section's own name is listed too (`fetch`)."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        out.append(f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.extend(f"{f.name}.{k}" for k in config_keys(hints[f.name]))
+    return out
+
+
+def did_you_mean(key: str, cls: type) -> str | None:
+    """The key of `cls` (dotted, relative to it) a mistyped `key` most likely meant, or None.
+
+    A near spelling of one of the section's own keys first (`epoch` -> `epochs`), then the same name
+    or a near spelling deeper down (`max_bytes` -> `fetch.max_bytes`)."""
+    keys = config_keys(cls)
+    own = [k for k in keys if "." not in k]
+    for pool in (own, keys):
+        match = difflib.get_close_matches(key, pool, n=1, cutoff=0.75)
+        if match:
+            return match[0]
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    if same_leaf:
+        return same_leaf[0]
+    leaves = {k.rsplit(".", 1)[-1]: k for k in reversed(keys)}
+    match = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.8)
+    return leaves[match[0]] if match else None
 
 
 def _has_no_default(f: dataclasses.Field) -> bool:
