@@ -185,11 +185,25 @@ def run_file_parts(items: list[dict[str, Any]], worker_cls: type, ctor: dict[str
 
     workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
 
-    results = (ray.data.from_items(items, override_num_blocks=len(items))
-               .map_batches(worker_cls, batch_size=1, fn_constructor_kwargs=ctor,
-                            concurrency=max(1, min(workers, len(items))), num_cpus=1, **data_args())
-               .take_all())
-    return [PartResult.loads(r["result"]) for r in results]
+    return collect_parts(ray.data.from_items(items, override_num_blocks=len(items))
+                         .map_batches(worker_cls, batch_size=1, fn_constructor_kwargs=ctor,
+                                      concurrency=max(1, min(workers, len(items))), num_cpus=1, **data_args()),
+                         len(items))
+
+
+def collect_parts(ds: Any, total: int) -> list[PartResult]:
+    """Run `ds`, whose rows are {"result": PartResult.dumps()} ("" = nothing done for that item), and gather
+    the parts as they finish, counting them (and their input rows) on the stage's status line."""
+    from pipelines.core import console
+
+    parts, rows = [], 0
+    console.progress(done=0, total=total, unit="parts")
+    for row in ds.iter_rows():
+        if row["result"]:
+            parts.append(PartResult.loads(row["result"]))
+            rows += parts[-1].rows_in
+            console.progress(done=len(parts), rows=rows)
+    return parts
 
 
 def finish_stage(storage: Storage, stage: str, fingerprint: str, parts: list[PartResult], schema: pa.Schema,
@@ -221,5 +235,8 @@ def finish_stage(storage: Storage, stage: str, fingerprint: str, parts: list[Par
                "parts_reused": sum(p.skipped for p in parts), "inputs": inputs, **(extra or {})},
     )
     write_manifest(storage, "", manifest)
+    from pipelines.core import console
+
+    console.end()  # the stage's status line stays above its funnel
     print(format_funnel(manifest), flush=True)
     return manifest

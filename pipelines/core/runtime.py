@@ -50,8 +50,12 @@ def init_ray(cfg: RayConfig) -> None:
         from ray.data.context import ShuffleStrategy
 
         ray.data.DataContext.get_current().shuffle_strategy = ShuffleStrategy(cfg.shuffle_strategy)
+    from pipelines.core import console
+
     if ray.is_initialized():
+        console.attach_ray()
         return
+    console.attach_ray()  # Ray's start-up messages go to a command's log file too
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -63,3 +67,4 @@ def init_ray(cfg: RayConfig) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}},
                  _system_config={"enable_metrics_collection": False})
+    console.attach_ray()  # now the workers' output, which the driver receives, goes there as well

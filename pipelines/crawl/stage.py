@@ -39,12 +39,14 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
-from pipelines.core.config import parse_cli, to_dict
+from pipelines.core.cli import run_command
+from pipelines.core.config import to_dict
 from pipelines.crawl.fetch import TRANSIENT, ByteBudget, FetchConfig, SafeFetcher
 from pipelines.core.images import ImageConfig, process_image
 from pipelines.core.manifest import Manifest, fingerprint, format_funnel, read_manifest, write_manifest
 from pipelines.core.schema import REJECTED_SCHEMA, SAMPLE_SCHEMA
-from pipelines.core.parts import OutputConfig, PartResult, PartStore, already_committed, finish_stage
+from pipelines.core import console
+from pipelines.core.parts import OutputConfig, PartResult, PartStore, already_committed, collect_parts, finish_stage
 from pipelines.core.runtime import RayConfig, data_args, init_ray
 from pipelines.core.storage import S3Options, Storage
 from pipelines.crawl.plan import PLAN_DIR, committed_plan, start_plan, todo_path
@@ -368,13 +370,13 @@ def run(cfg: CrawlConfig) -> Manifest:
         raise ValueError(f"URL lists {cfg.input.paths} hold no rows")
     items = plan.descriptors()
     # One block per part, so that the actor pool hands parts out one at a time.
-    results = (ray.data.from_items(items, override_num_blocks=len(items))
-               .map_batches(CrawlWorker, batch_size=1, fn_constructor_kwargs=args,
-                            concurrency=min(workers, len(items)), num_cpus=1, **data_args())
-               .take_all())
-    parts = [PartResult.loads(r["result"]) for r in results]
-    print(f"crawl: {len(parts)} parts ({sum(p.skipped for p in parts)} reused from an earlier run), "
-          f"{sum(p.rows_in for p in parts)} input rows", flush=True)
+    parts = collect_parts(ray.data.from_items(items, override_num_blocks=len(items))
+                          .map_batches(CrawlWorker, batch_size=1, fn_constructor_kwargs=args,
+                                       concurrency=min(workers, len(items)), num_cpus=1, **data_args()),
+                          len(items))
+    reused = sum(p.skipped for p in parts)
+    if reused:
+        console.progress(note=f"{reused} parts reused from an earlier run")
     return finish_stage(out, STAGE, fp, parts, SAMPLE_SCHEMA, to_dict(cfg), started, cfg.input.paths,
                         extra={"attempt": 1, "memory": _memory_summary(cfg, parts)})
 
@@ -413,13 +415,14 @@ def _retry_failed(cfg: CrawlConfig, out: Storage, fp: str, started: float) -> Ma
     workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
     retried: list[PartResult] = []
     if items:
-        results = (ray.data.from_items(items, override_num_blocks=len(items))
-                   .map_batches(CrawlWorker, batch_size=1, fn_constructor_kwargs={"cfg": cfg, "store": store},
-                                concurrency=min(workers, len(items)), num_cpus=1, **data_args())
-                   .take_all())
-        retried = [PartResult.loads(r["result"]) for r in results if r["result"]]
+        retried = collect_parts(ray.data.from_items(items, override_num_blocks=len(items))
+                                .map_batches(CrawlWorker, batch_size=1,
+                                             fn_constructor_kwargs={"cfg": cfg, "store": store},
+                                             concurrency=min(workers, len(items)), num_cpus=1, **data_args()),
+                                len(items))
     manifest = _merge_retry(previous, retried, attempt, time.time() - started, to_dict(cfg))
     write_manifest(out, "", manifest)
+    console.end()  # the status line stays above the funnel
     print(format_funnel(manifest), flush=True)
     return manifest
 
@@ -461,9 +464,9 @@ def _fingerprint_config(cfg: CrawlConfig) -> dict:
     return d
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg = parse_cli(CrawlConfig, argv, prog="python -m pipelines.crawl")
-    run(cfg)
+def main(argv: list[str] | None = None) -> int:
+    return run_command("crawl", CrawlConfig, argv, lambda cfg, _: run(cfg), doc=__doc__,
+                       log_root=lambda c: c.output.path)
 
 
 if __name__ == "__main__":

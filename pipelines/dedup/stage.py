@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.core.config import parse_cli, to_dict
+from pipelines.core.cli import run_command
+from pipelines.core.config import to_dict
 from pipelines.dedup.plan import DedupConfig, build_eval_index, overlap_report, plan_dedup
 from pipelines.evaluate.sets import EvalSet, open_eval_set, read_eval_set
 from pipelines.filter.stage import read_committed
@@ -193,8 +194,9 @@ def run(cfg: DedupStageConfig) -> Manifest:
     return manifest
 
 
-def main(argv: list[str] | None = None) -> None:
-    run(parse_cli(DedupStageConfig, argv, prog="python -m pipelines.dedup"))
+def main(argv: list[str] | None = None) -> int:
+    return run_command("dedup", DedupStageConfig, argv, lambda cfg, _: run(cfg), doc=__doc__,
+                       log_root=lambda c: c.output.path)
 
 
 if __name__ == "__main__":

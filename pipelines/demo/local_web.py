@@ -8,6 +8,7 @@ rows of a URL list pointing at it.
 from __future__ import annotations
 
 import io
+import logging
 import struct
 import threading
 import time
@@ -153,6 +154,11 @@ class LocalWebServer:
     class _Server(ThreadingHTTPServer):
         daemon_threads = True
         owner: "LocalWebServer"
+
+        def handle_error(self, request, client_address) -> None:
+            # A crawler that hangs up mid-response (the hostile routes provoke it) is routine here: logged, not
+            # printed as a traceback on the terminal (socketserver's default).
+            logging.getLogger(__name__).debug("request from %s failed", client_address, exc_info=True)
 
     def __init__(self, content: WebContent, port: int = 0) -> None:
         self.content = content

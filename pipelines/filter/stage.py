@@ -22,7 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.core.config import parse_cli, to_dict
+from pipelines.core.cli import run_command
+from pipelines.core.config import to_dict
 from pipelines.filter.rules import FilterConfig, over_query_cap, row_reasons
 from pipelines.core.manifest import Manifest, fingerprint, read_manifest
 from pipelines.core.schema import REJECTED_SCHEMA, SAMPLE_SCHEMA
@@ -199,8 +200,9 @@ def run(cfg: FilterStageConfig) -> Manifest:
                         extra={"queries_capped": len(cutoffs)}, timings={"query_cap_s": round(t_cap, 3)})
 
 
-def main(argv: list[str] | None = None) -> None:
-    run(parse_cli(FilterStageConfig, argv, prog="python -m pipelines.filter"))
+def main(argv: list[str] | None = None) -> int:
+    return run_command("filter", FilterStageConfig, argv, lambda cfg, _: run(cfg), doc=__doc__,
+                       log_root=lambda c: c.output.path)
 
 
 if __name__ == "__main__":

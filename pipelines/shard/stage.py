@@ -20,7 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.core.config import parse_cli, to_dict
+from pipelines.core.cli import run_command
+from pipelines.core.config import to_dict
 from pipelines.filter.stage import read_committed
 from pipelines.core.manifest import MANIFEST_NAME, Manifest, fingerprint
 from pipelines.core.parts import OutputConfig, PartResult, already_committed, finish_stage
@@ -166,8 +167,9 @@ def run(cfg: ShardConfig) -> Manifest:
                         extra={"rows_per_shard_target": per_shard, "num_shards": len(files)})
 
 
-def main(argv: list[str] | None = None) -> None:
-    run(parse_cli(ShardConfig, argv, prog="python -m pipelines.shard"))
+def main(argv: list[str] | None = None) -> int:
+    return run_command("shard", ShardConfig, argv, lambda cfg, _: run(cfg), doc=__doc__,
+                       log_root=lambda c: c.output.path)
 
 
 if __name__ == "__main__":
