@@ -268,9 +268,9 @@ def test_bad_inputs_name_the_input(ray_local, work, tiny, folder, capsys) -> Non
         EvalConfig(checkpoint=ckpt, task="knn", **base)
     with pytest.raises(FileNotFoundError, match="train-manifest .*no _manifest.json"):
         evaluate(EvalConfig(checkpoint=ckpt, train_manifest=str(work), workers=1, plots=False, **base))
-    assert main(["--checkpoint", str(work / "gone"), "--dataset", f"imagefolder:{root}", "--output", str(work)]) == 2
+    assert main([f"checkpoint={work / 'gone'}", f"dataset=imagefolder:{root}", f"output={work}"]) == 2
     err = capsys.readouterr().err
-    assert "evaluate: error: checkpoint" in err and "gone" in err
+    assert "pipelines.evaluate: error: checkpoint" in err and "gone" in err
 
 
 def test_cli_runs_and_agrees_with_in_process(ray_local, work, tiny, folder) -> None:
@@ -280,9 +280,9 @@ def test_cli_runs_and_agrees_with_in_process(ray_local, work, tiny, folder) -> N
     root, paths, labels = folder
     out = work / "cli"
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.evaluate", "--checkpoint", ckpt, "--dataset", f"imagefolder:{root}",
-         "--templates", "simple", "--task", "zeroshot", "--output", str(out), "--workers", "1",
-         "--ray-address", ray.get_runtime_context().gcs_address, "--no-plots"],
+        [sys.executable, "-m", "pipelines.evaluate", f"checkpoint={ckpt}", f"dataset=imagefolder:{root}",
+         "templates=simple", "task=zeroshot", f"output={out}", "workers=1",
+         f"ray.address={ray.get_runtime_context().gcs_address}", "plots=false"],
         cwd=REPO, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())

@@ -25,7 +25,7 @@ DEFAULT_C_GRID = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
 
 @dataclass
 class ProbeConfig:
-    # Share of --dataset held out as the test split when no separate --probe-train set is given.
+    # Share of `dataset` held out as the test split when no separate `probe_train` set is given.
     test_fraction: float = 0.5
     # Share of the training rows held out to choose C (never used for the reported test accuracy).
     val_fraction: float = 0.25

@@ -1,9 +1,9 @@
 """Evaluate a CLIP checkpoint: zero-shot classification, linear probe, image-text retrieval, and the
 paper's data-overlap analysis (section 5).
 
-    python -m pipelines.evaluate --checkpoint PATH --dataset imagefolder:DIR|parquet:PATH \
-        [--classnames FILE] [--templates FILE|openai-imagenet|simple] \
-        [--task zeroshot|linear-probe|retrieval] [--train-manifest DIR] --output DIR
+    python -m pipelines.evaluate [--config FILE] checkpoint=PATH dataset=imagefolder:DIR|parquet:PATH \
+        output=DIR [classnames=FILE] [templates=FILE|openai-imagenet|simple] \
+        [task=zeroshot|linear-probe|retrieval] [train_manifest=DIR] [probe.test_fraction=0.5 ...]
 
 Image embeddings come from Ray Data batch inference (`ImageEmbedder`, a pool of actors that each
 load the checkpoint once); only (id, label, embedding[, phash]) rows reach the driver. The text
@@ -12,13 +12,13 @@ tower runs on the driver: class names x templates are few, captions are small.
 Tasks and their data:
 - zeroshot: the single template "a photo of a {}." and the chosen template set (ensemble) side by
   side; top-level `top1`/`top5` are the chosen set's.
-- linear-probe: with `--probe-train DATASET` the probe trains on that set and tests on --dataset;
-  without it --dataset is split deterministically (rows ordered by id, stratified, seeded) into
+- linear-probe: with `probe_train=DATASET` the probe trains on that set and tests on `dataset`;
+  without it `dataset` is split deterministically (rows ordered by id, stratified, seeded) into
   train/test (`probe.test_fraction`), and a validation split of the train rows picks C
   (see pipelines.linear_probe).
 - retrieval: `parquet:PATH` with an image column and a caption column (a string, or a list of
   strings for COCO-style several captions per image); recall@1/5/10 both ways.
-- overlap (`--train-manifest DIR`, classification tasks): eval images within `overlap_hamming`
+- overlap (`train_manifest=DIR`, classification tasks): eval images within `overlap_hamming`
   phash bits of any training row are Overlap, the rest Clean. The training phashes stream through
   Ray Data tasks that match them against the small eval index (dedup's exact pigeonhole lookup);
   only matched eval indices come back.
@@ -26,7 +26,6 @@ Tasks and their data:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -47,6 +46,7 @@ from clip_model.export import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, load_expo
 from clip_model.transforms import EvalTransform
 from clip_model.zeroshot import build_classifier, classification_metrics, load_templates, retrieval_metrics
 
+from pipelines.core.cli import run_command
 from pipelines.core.config import to_dict
 from pipelines.evaluate.sets import EvalSet, open_eval_set, read_eval_set
 from pipelines.evaluate.linear_probe import ProbeConfig, linear_probe, split_indices
@@ -68,6 +68,7 @@ class EvalConfig:
     dataset: str
     # Local directory for results.json and the PNG plots.
     output: str
+    # zeroshot, linear-probe or retrieval (see the module docstring for what each needs).
     task: str = "zeroshot"
     # Class-name list (JSON list or one name per line); imagefolder default: folder names, "_" -> " ".
     classnames: str | None = None
@@ -77,18 +78,24 @@ class EvalConfig:
     train_manifest: str | None = None
     # Eval image counts as Overlap when a training phash is within this many bits (dedup's default).
     overlap_hamming: int = 8
-    # linear-probe: a separate training set; None = split --dataset (probe.test_fraction).
+    # linear-probe: a separate training set (as `dataset`); None = split `dataset` (probe.test_fraction).
     probe_train: str | None = None
+    # The linear probe's splits and its search for the regularisation strength C (task=linear-probe).
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    # Parquet datasets: the column holding the encoded image bytes.
     image_col: str = "image"
+    # Parquet classification datasets: the column holding the integer label (an index into the class names).
     label_col: str = "label"
+    # Parquet retrieval datasets: the caption column (a string, or a list of strings per image).
     caption_col: str = "caption"
     # Images per inference batch in each actor.
     batch_size: int = 64
     # Max embedding actors (1 CPU each); None = cluster CPUs - 1, so read/decode tasks keep a CPU.
     workers: int | None = None
+    # Connection settings for s3:// checkpoints, datasets, train_manifest and output.
     s3: S3Options = field(default_factory=S3Options)
     ray: RayConfig = field(default_factory=RayConfig)
+    # Write confusion-matrix and per-class accuracy PNGs next to results.json (classification tasks).
     plots: bool = True
 
     def __post_init__(self) -> None:
@@ -104,10 +111,10 @@ class EvalConfig:
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"evaluate workers must be >= 1, got {self.workers}")
         if self.train_manifest and self.task == "retrieval":
-            raise ValueError("--train-manifest: the overlap analysis reports classification accuracy; "
-                             "use it with --task zeroshot or linear-probe")
+            raise ValueError("evaluate train_manifest: the overlap analysis reports classification accuracy; "
+                             "use it with task=zeroshot or task=linear-probe")
         if self.probe_train and self.task != "linear-probe":
-            raise ValueError(f"--probe-train only applies to --task linear-probe, not {self.task}")
+            raise ValueError(f"evaluate probe_train only applies to task=linear-probe, not {self.task}")
 
 
 # ---------------------------------------------------------------- checkpoint and inputs
@@ -511,49 +518,6 @@ def _pct(value: float | None) -> str:
 
 # ---------------------------------------------------------------- CLI
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="export directory or OpenAI-layout state-dict file")
-    p.add_argument("--dataset", required=True, help="imagefolder:DIR or parquet:PATH")
-    p.add_argument("--classnames", default=None, help="class-name list: JSON list or one per line")
-    p.add_argument("--templates", default="openai-imagenet", help="FILE, openai-imagenet or simple")
-    p.add_argument("--task", default="zeroshot", choices=TASKS)
-    p.add_argument("--output", required=True, help="directory for results.json and plots")
-    p.add_argument("--train-manifest", default=None, help="committed training stage dir (phash) for overlap")
-    p.add_argument("--overlap-hamming", type=int, default=8)
-    p.add_argument("--probe-train", default=None, help="linear-probe training set (default: split --dataset)")
-    p.add_argument("--image-col", default="image")
-    p.add_argument("--label-col", default="label")
-    p.add_argument("--caption-col", default="caption")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=None, help="max embedding actors")
-    p.add_argument("--ray-address", default=None)
-    p.add_argument("--num-cpus", type=int, default=None, help="local Ray only: logical CPUs")
-    p.add_argument("--s3-endpoint", default=None, help="e.g. http://127.0.0.1:8333")
-    p.add_argument("--no-plots", action="store_true")
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> EvalConfig:
-    return EvalConfig(
-        checkpoint=args.checkpoint, dataset=args.dataset, output=args.output, task=args.task,
-        classnames=args.classnames, templates=args.templates, train_manifest=args.train_manifest,
-        overlap_hamming=args.overlap_hamming, probe_train=args.probe_train, image_col=args.image_col,
-        label_col=args.label_col, caption_col=args.caption_col, batch_size=args.batch_size, workers=args.workers,
-        s3=S3Options(endpoint_url=args.s3_endpoint), ray=RayConfig(args.ray_address, args.num_cpus),
-        plots=not args.no_plots)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        evaluate(config_from_args(args))
-    except (ValueError, FileNotFoundError, StorageError, ManifestError) as err:
-        print(f"evaluate: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return run_command("evaluate", EvalConfig, argv, lambda cfg, _: evaluate(cfg), doc=__doc__,
+                       log_root=lambda c: c.output)
