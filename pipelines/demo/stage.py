@@ -1,6 +1,6 @@
 """`make demo`: the paper end to end at laptop scale, on embedded services.
 
-    python -m pipelines.demo [key=value ...]   e.g. storage=local shapes=2000 workdir=demo_out train.epochs=10
+    python -m pipelines.demo [--config FILE] [key=value ...]   e.g. storage=local shapes=2000 train.epochs=10
 
 (keys of DemoConfig below; any other key overrides the run config, configs/demo.yaml)
 
@@ -21,12 +21,14 @@ import random
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines.core.config import load_config
+from pipelines.core.cli import dump_yaml, run_command
+from pipelines.core.config import ConfigError, did_you_mean, load_config, to_dict
 from pipelines.demo.local_web import LocalWebServer, WebContent
 from pipelines.demo.synthetic import digit_samples, encode, shape_classnames, shape_samples
 
@@ -36,7 +38,7 @@ class DemoConfig:
     # Where everything lands (URL list, eval sets, local stage outputs, the S3 server's data, the report).
     workdir: str = "demo_out"
     # "s3": shards, checkpoints and the export on a local SeaweedFS server (the cluster path); "local": disk.
-    storage: str = "s3"
+    storage: Literal["s3", "local"] = "s3"
     # Training images: coloured shapes (over the non-held-out colour-shape pairs) and digits (train split).
     shapes: int = 4000
     digits: bool = True
@@ -58,7 +60,7 @@ class DemoConfig:
 
 
 def _banner(text: str) -> None:
-    print(f"\n{'=' * 100}\n== {text}\n{'=' * 100}", flush=True)
+    print(f"\n=== {text}", flush=True)
 
 
 def _near_copy(image: bytes, rng: random.Random) -> bytes:
@@ -144,10 +146,50 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return demo, [a for a in argv if a not in demo]
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    demo_args, run_args = split_args(argv)
-    cfg = load_config(DemoConfig, None, demo_args)
+@dataclass
+class DemoArgs:
+    """The demo's own config and the keys it passes on to the run config."""
+
+    demo: DemoConfig
+    run_args: list[str]
+
+
+def load_demo_args(path: str | None, overrides: list[str]) -> DemoArgs:
+    """DemoConfig from the file and its own keys; every other key must be a run-config key, and the run config
+    with them must load (checked here, before any server starts)."""
+    from pipelines.run.dag import RunConfig, load_run_config
+
+    demo_args, run_args = split_args(overrides)
+    cfg = load_config(DemoConfig, path, demo_args)
+    run_fields = {f.name for f in dataclasses.fields(RunConfig)}
+    for arg in run_args:
+        key = arg.partition("=")[0].strip()
+        if key and key.split(".")[0] not in run_fields:
+            guess = did_you_mean(key, DemoConfig) or did_you_mean(key, RunConfig)
+            raise ConfigError(f"unknown key {key}" + (f" (did you mean {guess}?)" if guess else "")
+                              + f": neither a demo key ({', '.join(sorted(f.name for f in dataclasses.fields(DemoConfig)))})"
+                              f" nor a run-config section ({', '.join(sorted(run_fields))})")
+    load_run_config(cfg.run_config, run_args)
+    return DemoArgs(cfg, run_args)
+
+
+def _printable(args: DemoArgs) -> str:
+    text = dump_yaml(to_dict(args.demo))
+    if args.run_args:
+        text += f"# passed on to the run config {args.demo.run_config} (command line only):\n"
+        text += "".join(f"#   {a}\n" for a in args.run_args)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(
+        "demo", DemoConfig, argv, lambda a, _: _demo(a.demo, a.run_args), doc=__doc__, load=load_demo_args,
+        printable=_printable, log_root=lambda a: a.demo.workdir, status=False,
+        keys_note="Any other key (train.epochs=10, dedup.dedup.hamming_threshold=2, ...) overrides the run config "
+                  "(run_config): python -m pipelines.run --help lists those keys.")
+
+
+def _demo(cfg: DemoConfig, run_args: list[str]) -> None:
     started = time.time()
     work = os.path.abspath(cfg.workdir)
     os.makedirs(work, exist_ok=True)
@@ -241,4 +283,4 @@ DIGIT_TEMPLATES = ["a photo of the number {}.", "the digit {}", "a handwritten {
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
