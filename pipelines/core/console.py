@@ -192,13 +192,15 @@ class _Session:
         self.handler = logging.StreamHandler(self.log)
         self.handler.setFormatter(logging.Formatter(_LOG_FORMAT))
         self.handler.setLevel(logging.INFO)  # as Ray's console handlers (Ray Data's DEBUG goes to its session log)
-        root = logging.getLogger()
-        saved = (root.handlers[:], root.level)
+        # Python logging and warnings: to the file, at the levels they have (libraries' INFO chatter, such as
+        # botocore finding credentials, stays out); this project's own loggers at INFO.
+        root, ours = logging.getLogger(), logging.getLogger("pipelines")
+        saved = (root.handlers[:], ours.level)
         root.handlers[:] = [self.handler]
-        root.setLevel(logging.INFO)
+        ours.setLevel(logging.INFO)
         logging.captureWarnings(True)
         self._undo.append(lambda: (logging.captureWarnings(False), root.handlers.__setitem__(slice(None), saved[0]),
-                                   root.setLevel(saved[1])))
+                                   ours.setLevel(saved[1])))
         if "ray" in sys.modules:
             self._route_ray_loggers()
 
