@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from clip_model.config import ClipConfig
-from pipelines.core.config import ConfigError, load_config, parse_cli, to_dict
+from pipelines.core.config import ConfigError, load_config, to_dict
 
 
 @dataclass
@@ -109,15 +109,6 @@ def test_to_dict_round_trips_through_yaml(tmp_path: Path) -> None:
     saved = to_dict(cfg)
     assert saved["shape"] == [5, 6]  # plain YAML types only
     assert load_config(Job, write_yaml(tmp_path, saved), []) == cfg
-
-
-def test_parse_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = write_yaml(tmp_path, {"steps": 4})
-    assert parse_cli(Job, ["--config", str(path), "optim.lr=2"]) == Job(steps=4, optim=Optim(lr=2.0))
-    with pytest.raises(SystemExit) as info:
-        parse_cli(Job, ["steps"])
-    assert info.value.code == 2
-    assert "must look like key=value" in capsys.readouterr().err
 
 
 def test_bad_files_are_named(tmp_path: Path) -> None:

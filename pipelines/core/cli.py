@@ -299,13 +299,13 @@ def run_command(
     parser = _parser(prog, cls, doc, hide, keys_note)
     if add_arguments is not None:
         add_arguments(parser)
-    debug = "--debug" in argv
     try:
         args = parser.parse_intermixed_args(argv)
     except _HelpShown:
         return 0
     except _Usage as err:
         return report_error(name, err, debug=False)
+    debug = args.debug
     try:
         cfg = (load or functools.partial(load_config, cls))(args.config, list(args.overrides))
     except Exception as err:

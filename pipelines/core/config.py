@@ -8,7 +8,6 @@ what was expected, never a silent default.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import types
@@ -64,22 +63,6 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
         raise TypeError(f"to_dict needs a dataclass instance, got {type(cfg).__name__}")
     return _plain(dataclasses.asdict(cfg))
-
-
-def parse_cli(cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None) -> T:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=f"Run with a {cls.__name__} config: --config FILE plus key=value overrides "
-        "(dotted keys for nested sections, values parsed as YAML).",
-    )
-    parser.add_argument("--config", default=None, help="YAML file; omitted = the dataclass defaults")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    try:
-        return load_config(cls, args.config, args.overrides)
-    except ConfigError as err:
-        parser.error(str(err))  # exits 2 with the message, as argparse users expect
-        raise  # unreachable; keeps type checkers honest
 
 
 def _read_yaml(path: str | Path) -> dict[str, Any]:

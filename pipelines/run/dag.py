@@ -41,6 +41,8 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipelines.core import console
+from pipelines.core.cli import run_command
 from pipelines.core.config import ConfigError, build_config, load_raw, to_dict
 from pipelines.crawl.stage import CrawlConfig
 from pipelines.dedup.stage import DedupStageConfig
@@ -347,10 +349,12 @@ def run_pipeline(cfg: RunConfig, sel: Selection = Selection(), dry_run: bool = F
             if step.action == "skip":
                 continue
             dirs[stage] = step.path
+            console.end()  # the previous stage's status line, before this stage's header
             if step.action == "reuse":
                 print(f"\n== {stage}: reused {step.path}", flush=True)
                 continue
             print(f"\n== {stage}: {step.reason} -> {step.path}", flush=True)
+            console.begin(stage)  # its status line, under a command (pipelines.core.console)
             if sel.forced(stage):
                 parent, name = step.path.rsplit("/", 1)
                 Storage.from_uri(parent, cfg.s3).delete_prefix(name)
@@ -363,6 +367,7 @@ def run_pipeline(cfg: RunConfig, sel: Selection = Selection(), dry_run: bool = F
         summary = {"plan": [dataclasses.asdict(s) for s in executed], "dirs": dirs, "report": report_uri,
                    "wall_s": round(time.time() - started, 1), "failed": repr(error) if error else None}
         Storage.from_uri(cfg.root, cfg.s3).write_bytes("_last_run.json", json.dumps(summary, indent=2).encode())
+    console.end()
     print(format_plan(executed, "done"), flush=True)
     print(f"run finished in {summary['wall_s']:.0f} s; report: {report_uri}", flush=True)
     return {**summary, "results": results}
@@ -504,26 +509,44 @@ def _stages(text: str | None) -> tuple[str, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m pipelines.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="YAML run config (see configs/run_tiny.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=2")
-    p.add_argument("--only", help="comma-separated stages to run; their inputs must be committed")
-    p.add_argument("--from", dest="from_", metavar="STAGE", help="recompute this stage and every later one")
-    p.add_argument("--force", action="append", default=[], help="recompute these stages (comma-separated)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
-    args = p.parse_args(argv)
-    try:
-        cfg = load_run_config(args.config, args.overrides)
+
+    def flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--only", metavar="STAGE[,STAGE]", help="run just these stages; their inputs must be committed")
+        p.add_argument("--from", dest="from_", metavar="STAGE", help="recompute this stage and every later one")
+        p.add_argument("--force", action="append", default=[], metavar="STAGE[,STAGE]",
+                       help="recompute these stages even if committed")
+        p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+
+    def body(cfg: Any, args: argparse.Namespace) -> None:
         sel = Selection(_stages(args.only), args.from_, tuple(s for f in args.force for s in _stages(f)))
         initial = plan(cfg, sel)  # selection and input errors surface here, before any work
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"pipelines.run: error: {err}", file=sys.stderr, flush=True)
-        return 2
-    # A failing stage raises with its traceback (the exit status is then 1); the report is written first.
-    run_pipeline(cfg, sel, dry_run=args.dry_run, command=" ".join(["python -m pipelines.run", *argv]),
-                 initial=initial)
-    return 0
+        # A failing stage raises with its traceback (the exit status is then 1); the report is written first.
+        run_pipeline(cfg, sel, dry_run=args.dry_run, command=" ".join(["python -m pipelines.run", *argv]),
+                     initial=initial)
 
+    return run_command("run", RunConfig, argv, body, doc=__doc__, load=load_run_config, printable=printable_config,
+                       hide=wired_keys(), add_arguments=flags, log_root=lambda c: c.root, status=False,
+                       keys_note="Each stage section holds that stage's own keys (python -m pipelines.<stage> --help); "
+                                 "the runner sets the keys that wire stages together (inputs, output paths, their S3 "
+                                 "and Ray settings) and refuses a config that sets them.")
+
+
+def wired_keys() -> list[str]:
+    """The dotted run-config keys the runner sets itself (left out of --help and --print-config)."""
+    return [f"{stage}.{key}" for stage, keys in WIRED_KEYS.items() for key in keys]
+
+
+def printable_config(cfg: Any) -> dict[str, Any]:
+    """The run config as a YAML mapping that load_run_config takes back: without the wired keys."""
+    data = to_dict(cfg)
+    for key in wired_keys():
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return data
 
 if __name__ == "__main__":
     sys.exit(main())

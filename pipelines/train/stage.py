@@ -22,7 +22,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pipelines.core.config import parse_cli, to_dict
+from pipelines.core.cli import run_command
+from pipelines.core.config import to_dict
 from pipelines.core.runtime import RayConfig, init_ray
 from pipelines.core.storage import S3Options, Storage
 
@@ -278,13 +279,15 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = parse_cli(TrainConfig, argv, prog="python -m pipelines.train")
-    log.info("resolved config: %s", json.dumps(to_dict(cfg), sort_keys=True))
-    summary = run_training(cfg)
-    print(json.dumps(summary, indent=2, sort_keys=True))
+def main(argv: list[str] | None = None) -> int:
+    def body(cfg: TrainConfig, _: Any) -> None:
+        log.info("resolved config: %s", json.dumps(to_dict(cfg), sort_keys=True))
+        s = run_training(cfg)
+        loss = f", loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}" if s.get("final_loss") is not None else ""
+        print(f"train: {s.get('steps')} steps{loss}, {s.get('driver_wall_s', 0):.0f} s; export {s.get('export')} "
+              f"(summary.json and metrics.jsonl beside it)", flush=True)
 
+    return run_command("train", TrainConfig, argv, body, doc=__doc__, log_root=lambda c: c.storage_path)
 
 if __name__ == "__main__":
     main()
