@@ -85,7 +85,8 @@ def bare_loop(model_name: str, batch: int, steps: int, threads: int) -> dict:
 
 
 def full_path(model_name: str, batch: int, workers: int, shards: str, epochs: int, root: str) -> dict:
-    from pipelines.train.stage import OptimConfig, TrainConfig, TrainDataConfig, resolve_paths, run_training
+    from pipelines.train.config import OptimConfig, TrainConfig, TrainDataConfig
+    from pipelines.train.stage import resolve_paths, run_training
 
     cfg = resolve_paths(TrainConfig(
         model=model_name, global_batch_size=batch, epochs=epochs, zero_stage=2, optim=OptimConfig(lr=1e-3),

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import time
 
-import imagehash
 import pyarrow as pa
-from PIL import Image
 
 from pipelines.core.images import process_image, ImageConfig
 from pipelines.core.manifest import fingerprint

@@ -6,7 +6,6 @@ subprocesses, one of which crawls a loopback web so that Ray's output has somewh
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import logging
 import os
@@ -21,7 +20,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from pipelines.core import console
 from pipelines.core.cli import describe_keys, field_comments, is_user_error, log_file, redact, run_command

@@ -17,7 +17,8 @@ from PIL import Image, ImageDraw
 
 from pipelines.dedup.components import connected_components
 from pipelines.dedup.plan import DedupConfig, build_eval_index, overlap_report, plan_dedup
-from pipelines.dedup.near_dup import caption_shingles, phash_int64
+from pipelines.core.images import image_phash, phash_of_encoded
+from pipelines.dedup.near_dup import caption_shingles
 from pipelines.core.schema import sample_key
 
 pytestmark = pytest.mark.slow
@@ -134,7 +135,7 @@ def _planted_rows(n_originals: int = 150) -> Planted:
         key = sample_key(url, caption)
         with Image.open(io.BytesIO(data)) as im:
             rows.append({"key": key, "url": url, "caption": caption, "sha256": hashlib.sha256(data).hexdigest(),
-                         "phash": phash_int64(im), "width": im.width, "height": im.height,
+                         "phash": image_phash(im), "width": im.width, "height": im.height,
                          "original_width": ow, "original_height": oh, "file_idx": len(rows) % 4})
         group[key], kind[key] = g, k
     words = np.array("alpha beta gamma delta river stone cloud tiger maple orbit lemon pixel quartz violet harbor".split())
@@ -159,7 +160,7 @@ def _planted_rows(n_originals: int = 150) -> Planted:
     # Eval images: never originals; re-encoded copies of some of them planted in the training rows.
     eval_images = [_original(10_000 + j) for j in range(24)]
     eval_sets = {"evalA": [_jpeg(im) for im in eval_images[:14]],
-                 "evalB": [phash_int64(Image.open(io.BytesIO(_jpeg(im)))) for im in eval_images[10:]]}
+                 "evalB": [phash_of_encoded(_jpeg(im)) for im in eval_images[10:]]}
     for j in (0, 1, 2, 3, 11, 12, 20, 21):  # 11, 12 are in both sets; 20, 21 only in evalB
         add(-1 - j, "eval", _jpeg(eval_images[j], 60), f"https://e.example/{j}.jpg", f"eval copy {j}",
             eval_images[j].width, eval_images[j].height)
@@ -240,7 +241,7 @@ def test_dedup_is_deterministic_and_caption_minhash_adds_caption_drops(ray_clust
         caption = caption.upper() + "!!" if j % 2 else caption
         url = f"https://f.example/{j}.jpg"
         extra.append({"key": sample_key(url, caption), "url": url, "caption": caption,
-                      "sha256": f"{j:064x}", "phash": phash_int64(Image.open(io.BytesIO(data))),
+                      "sha256": f"{j:064x}", "phash": phash_of_encoded(data),
                       "width": im.width, "height": im.height, "original_width": im.width,
                       "original_height": im.height, "file_idx": 9})
     rows = planted.rows + extra

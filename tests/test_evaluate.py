@@ -8,10 +8,8 @@ image embeds exactly onto a chosen text embedding).
 from __future__ import annotations
 
 import copy
-import io
 import random
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,10 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from clip_model.config import get_config
-from clip_model.export import load_export, save_export
+from clip_model.export import save_export
 from clip_model.model import build_model
 from clip_model.tokenizer import ClipTokenizer
 from clip_model.transforms import EvalTransform
@@ -33,7 +30,8 @@ from clip_model.zeroshot import build_classifier, classification_metrics
 from pipelines.evaluate.stage import EvalConfig, evaluate, main
 from pipelines.evaluate.linear_probe import ProbeConfig, linear_probe, split_indices
 from pipelines.core.manifest import FileEntry, Manifest, schema_fields, write_manifest
-from pipelines.dedup.near_dup import hamming, phash_int64
+from pipelines.core.images import phash_of_encoded
+from pipelines.dedup.near_dup import hamming
 from pipelines.core.runtime import RayConfig, init_ray
 from pipelines.core.storage import Storage
 from pipelines.demo.synthetic import encode, render_shape, shape_samples
@@ -133,7 +131,7 @@ def test_zeroshot_matches_in_process_and_overlap_split(ray_local, work, tiny, fo
     # Training rows: copies of eval images 0, 5, 30; near copies of 17 and 40 (their hashes with 3
     # and 7 bits flipped: within 8 bits); image 44's hash 12 bits off (a miss, unless another image
     # is near it); a null; random hashes (P(within 8 bits of an image) ~ 1e-11).
-    eval_ph = np.array([phash_int64(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])
+    eval_ph = np.array([phash_of_encoded(b) for b in images])
     flip = lambda i, bits: int(eval_ph[i] ^ np.int64(sum(1 << (3 * b + 1) for b in range(bits))))  # noqa: E731
     rand = np.random.default_rng(0).integers(-(1 << 63), (1 << 63) - 1, 300, dtype=np.int64)
     train = [int(eval_ph[0]), int(eval_ph[5]), int(eval_ph[30]), flip(17, 3), flip(40, 7), flip(44, 12), None,
@@ -266,7 +264,7 @@ def test_bad_inputs_name_the_input(ray_local, work, tiny, folder, capsys) -> Non
         evaluate(EvalConfig(checkpoint=ckpt, task="retrieval", **base))
     with pytest.raises(ValueError, match="task must be one of"):
         EvalConfig(checkpoint=ckpt, task="knn", **base)
-    with pytest.raises(FileNotFoundError, match="train-manifest .*no _manifest.json"):
+    with pytest.raises(FileNotFoundError, match="train_manifest .*no _manifest.json"):
         evaluate(EvalConfig(checkpoint=ckpt, train_manifest=str(work), workers=1, plots=False, **base))
     assert main([f"checkpoint={work / 'gone'}", f"dataset=imagefolder:{root}", f"output={work}"]) == 2
     err = capsys.readouterr().err

@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -586,7 +586,7 @@ class KeepAliveHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path, _, query = self.path.partition("?")
         params = urllib.parse.parse_qs(query)
-        count = self.state.hit("ka", path)
+        self.state.hit("ka", path)
         extra: list[tuple[str, str]] = [(k[2:], v[0]) for k, v in params.items() if k.startswith("h_")]
         if path == "/robots.txt":
             body = params.get("robots", [""])[0].encode() or b"User-agent: *\nDisallow: /private/\n"

@@ -1,10 +1,8 @@
-import pyarrow as pa
 import pytest
 
 from pipelines.core.config import load_config
 from pipelines.filter.stage import FilterStageConfig, run
 from pipelines.filter.rules import FilterConfig, caption_reason, detect_language, image_reason, query_cutoffs
-from pipelines.core.manifest import read_manifest
 from pipelines.core.storage import Storage
 from pipelines.demo.synthetic import shape_samples
 

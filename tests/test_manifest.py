@@ -88,8 +88,8 @@ def test_write_then_read_back(storage: Storage) -> None:
         {"name": "key", "type": "string", "nullable": True},
         {"name": "value", "type": "int64", "nullable": True},
     ]
-    assert committed(storage, "out", manifest.fingerprint)
-    assert not committed(storage, "out", fingerprint("filter", {"other": 1}))
+    assert committed(storage, manifest.fingerprint, "out")
+    assert not committed(storage, fingerprint("filter", {"other": 1}), "out")
     assert storage.read_parquet(back.file_paths("out")).num_rows == 18
 
 
@@ -180,11 +180,11 @@ def test_killed_store_leaves_no_commit_and_rerun_completes(tmp_path: Path, monke
         server.restart()
         assert storage.list("out") == [f"out/part-{i:05d}.parquet" for i in range(3)]  # data survived...
         assert read_manifest(storage, "out") is None  # ...but nothing is committed
-        assert not committed(storage, "out", FP)
+        assert not committed(storage, FP, "out")
 
         write_stage(storage, "out")
         manifest = read_manifest(storage, "out")
-        assert manifest is not None and committed(storage, "out", FP)
+        assert manifest is not None and committed(storage, FP, "out")
         assert [f.path for f in manifest.files] == [f"part-{i:05d}.parquet" for i in range(N_PARTS)]
         for i, path in enumerate(manifest.file_paths("out")):
             assert storage.read_parquet(path).equals(part_table(i, ROWS))

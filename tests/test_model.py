@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from clip_model import (CLIP, ClipConfig, TextConfig, VisionConfig, build_model, config_from_openai_state_dict,
+from clip_model import (ClipConfig, TextConfig, VisionConfig, build_model, config_from_openai_state_dict,
                         count_parameters, from_openai_state_dict, get_config, model_names)
 from clip_model.optim import clamp_logit_scale_, param_group_names, param_groups
 

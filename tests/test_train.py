@@ -26,7 +26,9 @@ from pipelines.core.manifest import FileEntry, Manifest, write_manifest
 from pipelines.core.schema import SAMPLE_SCHEMA, sample_key
 from pipelines.core.storage import Storage
 from pipelines.demo.synthetic import shape_samples
-from pipelines.train.stage import OptimConfig, TrainConfig, TrainDataConfig, resolve_paths, run_training
+from pipelines.train.config import OptimConfig, TrainConfig, TrainDataConfig
+from pipelines.train.hooks import TrainHooks
+from pipelines.train.stage import resolve_paths, run_training
 from pipelines.train.loop import ContrastiveModel, feature_cached_step, warmup_cosine
 
 pytestmark = pytest.mark.slow
@@ -80,10 +82,14 @@ def tiny_config(root: Path, shards: str, **kw) -> TrainConfig:
         optim=OptimConfig(lr=3e-3, warmup_steps=1, weight_decay=0.1), checkpoint_every=3, keep_checkpoints=3,
         storage_path=str(root / "runs"), run_name="main", num_workers=2, cpus_per_worker=1.0, max_failures=0,
         seed=0, data=TrainDataConfig(manifest=shards, crop_scale=(1.0, 1.0), map_batch_size=32, map_num_cpus=0.5),
-        debug_dump_dir=str(root / "dumps"),
     )
     base.update(kw)
     return resolve_paths(TrainConfig(**base))
+
+
+def dumps(root: Path, **kw) -> TrainHooks:
+    """The tests' injection points: full fp32 state dumped after every save and load (plus any failure hook)."""
+    return TrainHooks(debug_dump_dir=str(root / "dumps"), **kw)
 
 
 def history(storage_root: str, run: str, s3=None) -> list[dict]:
@@ -127,7 +133,7 @@ def test_config_rejects_bad_batch_policy() -> None:
     with pytest.raises(ValueError, match="accum_freq"):
         TrainConfig(global_batch_size=32, num_workers=2, accum_freq=3)
     with pytest.raises(ValueError, match="fail_marker"):
-        TrainConfig(fail_at_step=2)
+        TrainHooks(fail_at_step=2)
     assert TrainConfig(global_batch_size=32, num_workers=[1, 2]).per_worker_batch(1) == 32
 
 
@@ -157,9 +163,9 @@ def test_feature_cached_accumulation_matches_full_batch_gradient() -> None:
 def main_run(ray_session, s3_server, shards, tmp_path_factory):
     """ZeRO-2 on 2 workers with checkpoints on S3; rank 1 exits hard before step 5 (max_failures=1)."""
     root = tmp_path_factory.mktemp("main")
-    cfg = tiny_config(root, shards, storage_path=s3_server.uri("runs"), s3=s3_server.s3_options(),
-                      max_failures=1, fail_at_step=5, fail_marker=str(root / "failed_once"))
-    return cfg, run_training(cfg)
+    cfg = tiny_config(root, shards, storage_path=s3_server.uri("runs"), s3=s3_server.s3_options(), max_failures=1)
+    hooks = dumps(root, fail_at_step=5, fail_marker=str(root / "failed_once"))
+    return cfg, hooks, run_training(cfg, hooks)
 
 
 def test_killed_worker_resumes_and_matches_single_process_run(main_run, shards) -> None:
@@ -169,8 +175,8 @@ def test_killed_worker_resumes_and_matches_single_process_run(main_run, shards) 
     Tolerance rel 1e-4: the Ray Data split may hand each worker other rows, which only reorders
     float sums in the gathered loss and the gradient all-reduce.
     """
-    cfg, summary = main_run
-    assert Path(cfg.fail_marker).exists(), "the failure hook never fired"
+    cfg, hooks, summary = main_run
+    assert Path(hooks.fail_marker).exists(), "the failure hook never fired"
     assert summary["resumes"] == [{"step": 3, "from_world_size": 2, "world_size": 2}]
     h = history(cfg.storage_path, cfg.run_name, cfg.s3)
     assert [r["step"] for r in h] == list(range(1, 7))
@@ -181,14 +187,14 @@ def test_killed_worker_resumes_and_matches_single_process_run(main_run, shards) 
 
 
 def test_export_loads_with_openai_layout(main_run, tmp_path) -> None:
-    cfg, _ = main_run
+    cfg, hooks, _ = main_run
     store = Storage.from_uri(f"{cfg.storage_path}/{cfg.run_name}", cfg.s3)
     for name in ("model.pt", "config.json", "tokenizer.json"):
         (tmp_path / name).write_bytes(store.read_bytes(f"export/{name}"))
     sd = torch.load(tmp_path / "model.pt", weights_only=True)
     assert "visual.conv1.weight" in sd and sd["logit_scale"].shape == () and all(v.dtype == torch.float32 for v in sd.values())
     model, tok = load_export(str(tmp_path))
-    saved = torch.load(Path(cfg.debug_dump_dir, "save_step6_ws2.pt"), weights_only=False)["params"]
+    saved = torch.load(Path(hooks.debug_dump_dir, "save_step6_ws2.pt"), weights_only=False)["params"]
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, saved[k], rtol=0, atol=0, msg=k)
     assert tok(["a red circle"], context_length=32).shape == (1, 32)
@@ -196,7 +202,7 @@ def test_export_loads_with_openai_layout(main_run, tmp_path) -> None:
 
 
 def test_checkpoints_committed_on_s3(main_run) -> None:
-    cfg, _ = main_run
+    cfg, _, _ = main_run
     store = Storage.from_uri(f"{cfg.storage_path}/{cfg.run_name}", cfg.s3)
     for step in (3, 6):
         name = f"checkpoint_{step:08d}"
@@ -217,19 +223,20 @@ def assert_same_state(saved_path: Path, loaded_path: Path) -> None:
     assert any(v.abs().sum() > 0 for v in saved["exp_avg"].values())  # moments really are non-trivial
 
 
-def elastic_chain(cfg: TrainConfig, stop: int) -> None:
+def elastic_chain(cfg: TrainConfig, hooks: TrainHooks, stop: int) -> None:
     """The run saved by 2 workers at `stop` -> resumed by 1 worker -> resumed by 2 workers."""
-    dumps = Path(cfg.debug_dump_dir)
+    dump_dir = Path(hooks.debug_dump_dir)
     for workers, steps in ((1, stop + 1), (2, stop + 2)):
-        resumed = dataclasses.replace(cfg, num_workers=workers, max_steps=steps, fail_at_step=None, fail_marker="")
-        summary = run_training(resumed)
+        resumed = dataclasses.replace(cfg, num_workers=workers, max_steps=steps)
+        summary = run_training(resumed, TrainHooks(debug_dump_dir=hooks.debug_dump_dir))
         assert summary["resumes"][-1] == {"step": steps - 1, "from_world_size": 3 - workers, "world_size": workers}
-        assert_same_state(dumps / f"save_step{steps - 1}_ws{3 - workers}.pt", dumps / f"load_step{steps - 1}_ws{workers}.pt")
+        assert_same_state(dump_dir / f"save_step{steps - 1}_ws{3 - workers}.pt",
+                          dump_dir / f"load_step{steps - 1}_ws{workers}.pt")
 
 
 def test_elastic_resume_zero2_from_s3(main_run, shards) -> None:
-    cfg, _ = main_run
-    elastic_chain(cfg, stop=6)
+    cfg, hooks, _ = main_run
+    elastic_chain(cfg, hooks, stop=6)
     h = history(cfg.storage_path, cfg.run_name, cfg.s3)
     assert [r["step"] for r in h] == list(range(1, 9))
     # The global batch is kept on resize, so the 1-worker step continues the same trajectory.
@@ -242,8 +249,9 @@ def test_elastic_resume_zero2_from_s3(main_run, shards) -> None:
 def test_elastic_resume_zero3_with_feature_cached_accumulation(ray_session, shards, tmp_path) -> None:
     """ZeRO-3 with accum_freq=2 (feature caching through DeepSpeed's accumulation), 2 -> 1 -> 2 workers."""
     cfg = tiny_config(tmp_path, shards, zero_stage=3, accum_freq=2, max_steps=2, checkpoint_every=2, run_name="z3")
-    run_training(cfg)
-    elastic_chain(cfg, stop=2)
+    hooks = dumps(tmp_path)
+    run_training(cfg, hooks)
+    elastic_chain(cfg, hooks, stop=2)
     h = history(cfg.storage_path, cfg.run_name)
     assert [r["step"] for r in h] == [1, 2, 3, 4]
     # Steps 1-3 used the schedule of the first run (max_steps=2): the accumulated, resharded

@@ -498,6 +498,23 @@ def image_phash(img: Image.Image) -> int:
     return int.from_bytes(np.packbits(low > np.median(low)).tobytes(), "big", signed=True)
 
 
+_PHASH_DECODE = ImageConfig(resize_mode="no", allowed_formats=("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"))
+
+
+def phash_of_encoded(data: bytes) -> int:
+    """image_phash of encoded bytes decoded the way the crawl decodes what it stores (first frame, EXIF
+    orientation, 8-bit sRGB, alpha over white), at full size. Eval images and stored training images are
+    hashed through this, so decontamination compares like with like. ValueError for bytes that are not an
+    image (the reason in the message)."""
+    try:
+        with contextlib.ExitStack() as held:
+            frame, _, _ = _displayed_frame(bytes(data), _PHASH_DECODE, _no_reservation, held)
+            pixels = _browser_pixels(frame)
+    except _ImageReject as rej:
+        raise ValueError(f"not a decodable image ({rej.reason})") from None
+    return image_phash(Image.fromarray(pixels))
+
+
 # --------------------------------------------------------------------------- captions
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipelines.core.storage import Storage
+from pipelines.core.storage import S3Options, Storage
 
 MANIFEST_NAME = "_manifest.json"
 MANIFEST_VERSION = 1
@@ -176,9 +176,26 @@ def read_manifest(storage: Storage, directory: str) -> Manifest | None:
         raise ManifestError(f"corrupt manifest {storage.uri(path)}: {err}") from err
 
 
-def committed(storage: Storage, directory: str, fp: str) -> bool:
+def committed(storage: Storage, fp: str, directory: str = "") -> Manifest | None:
+    """The manifest committed in `directory` if it carries fingerprint `fp` (the same stage, config and
+    inputs already finished there), else None. The one answer to "is this stage done?"."""
     manifest = read_manifest(storage, directory)
-    return manifest is not None and manifest.fingerprint == fp
+    return manifest if manifest is not None and manifest.fingerprint == fp else None
+
+
+def read_committed(uri: str, s3: S3Options | None, what: str, column: str | None = None,
+                   producer: str = "that") -> tuple[Storage, Manifest]:
+    """(storage, manifest) of the committed stage output at `uri`; `what` names the setting or stage it came
+    from in the error (an uncommitted directory is an error, never read as empty). With `column`, the output
+    must carry that column (e.g. phash for an overlap check). `producer` names the stage that writes it."""
+    storage = Storage.from_uri(uri, s3)
+    manifest = read_manifest(storage, "")
+    if manifest is None:
+        raise FileNotFoundError(f"{what} {uri}: no _manifest.json there (not a committed stage output: run the "
+                                f"{producer} stage first, or let it finish)")
+    if column and manifest.schema and column not in [f["name"] for f in manifest.schema]:
+        raise ValueError(f"{what} {uri}: stage {manifest.stage} has no {column} column")
+    return storage, manifest
 
 
 def format_funnel(manifest: Manifest) -> str:
@@ -198,13 +215,13 @@ def format_funnel(manifest: Manifest) -> str:
     ]
     for reason, n in sorted(manifest.rejected.items(), key=lambda kv: (-kv[1], kv[0])):
         lines.append(line(f"  {reason}", n))
-    lines.append(f"  files {len(manifest.files)}, {_human_bytes(manifest.total_bytes)}")
+    lines.append(f"  files {len(manifest.files)}, {human_bytes(manifest.total_bytes)}")
     if manifest.timings:
         lines.append("  timings " + ", ".join(f"{k} {v:.2f} s" for k, v in manifest.timings.items()))
     return "\n".join(lines)
 
 
-def _human_bytes(n: int) -> str:
+def human_bytes(n: float) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":

@@ -165,14 +165,13 @@ class PartWriter:
 
 
 def already_committed(storage: Storage, stage: str, fp: str) -> Manifest | None:
-    """The committed manifest if this exact stage (same config and inputs) already ran, else None."""
-    from pipelines.core.manifest import read_manifest
+    """manifest.committed, said aloud: a stage run again on the same config and inputs does nothing."""
+    from pipelines.core.manifest import committed
 
-    existing = read_manifest(storage, "")
-    if existing is not None and existing.fingerprint == fp:
+    existing = committed(storage, fp)
+    if existing is not None:
         print(f"{stage}: {storage.uri()} already committed with this config and input; nothing to do", flush=True)
-        return existing
-    return None
+    return existing
 
 
 def run_file_parts(items: list[dict[str, Any]], worker_cls: type, ctor: dict[str, Any],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import pyarrow as pa
 
@@ -36,5 +37,12 @@ def sample_key(url: str, caption: str) -> str:
     return hashlib.sha256(f"{url}\x00{caption}".encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
 
-def empty_rejected() -> pa.Table:
-    return REJECTED_SCHEMA.empty_table()
+def rejected_table(keys: Sequence[str] | pa.Array | pa.ChunkedArray, urls: Sequence[str] | pa.Array | pa.ChunkedArray,
+                   stage: str, reasons: Sequence[str], details: Sequence[str] | None = None) -> pa.Table:
+    """The rejected rows of one stage, in the one schema every stage writes to `_rejected/`."""
+    n = len(reasons)
+    return pa.table({
+        "key": keys, "url": urls, "stage": pa.array([stage] * n, pa.string()),
+        "reason": pa.array(list(reasons), pa.string()),
+        "detail": pa.array(list(details) if details is not None else [""] * n, pa.string()),
+    }, schema=REJECTED_SCHEMA)

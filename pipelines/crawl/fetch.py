@@ -42,7 +42,7 @@ import time
 import urllib.parse
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pipelines.crawl.robots import RobotsCache, RobotsRules, rules_for_response, tdm_reserved

@@ -26,25 +26,25 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import dataclasses
 import io
 import json
 import os
 import queue
 import resource
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-import pyarrow as pa
 
 from pipelines.core.cli import run_command
 from pipelines.core.config import to_dict
 from pipelines.crawl.fetch import TRANSIENT, ByteBudget, FetchConfig, SafeFetcher
 from pipelines.core.images import ImageConfig, process_image
 from pipelines.core.manifest import Manifest, fingerprint, format_funnel, read_manifest, write_manifest
-from pipelines.core.schema import REJECTED_SCHEMA, SAMPLE_SCHEMA
+from pipelines.core.schema import SAMPLE_SCHEMA, rejected_table
+from pipelines.core.stage import Stage, Wiring
 from pipelines.core import console
 from pipelines.core.parts import OutputConfig, PartResult, PartStore, already_committed, collect_parts, finish_stage
 from pipelines.core.runtime import RayConfig, data_args, init_ray
@@ -52,7 +52,7 @@ from pipelines.core.storage import S3Options, Storage
 from pipelines.crawl.plan import PLAN_DIR, committed_plan, start_plan, todo_path
 from pipelines.crawl.lists import InputConfig, check_columns, detect_format
 
-STAGE = "crawl"
+NAME = "crawl"
 MiB = 1024 * 1024
 
 
@@ -208,7 +208,8 @@ class CrawlWorker:
                  "fetched_bytes": fetched, "rss_start_bytes": rss_start,
                  "peak_rss_bytes": _peak_rss_bytes(), "bodies_peak_bytes": self.bodies.peak,
                  "pixels_peak_bytes": self.pixels.peak}
-        table = pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA)
+        table = rejected_table([r["key"] for r in rejected], [r["url"] for r in rejected], NAME,
+                               [r["reason"] for r in rejected], [r["detail"] for r in rejected])
         return self.store.finish(name, files, writer.rows, table, rows_in, stats)
 
     def _one(self, row: dict[str, Any]) -> _Outcome:
@@ -244,7 +245,7 @@ class CrawlWorker:
 
 
 def _reject(row: dict[str, Any], reason: str, detail: str) -> dict[str, Any]:
-    return {"key": row["key"], "url": row["url"] or "", "stage": STAGE, "reason": reason, "detail": detail or ""}
+    return {"key": row["key"], "url": row["url"] or "", "reason": reason, "detail": detail or ""}
 
 
 def _warm_up(cfg: ImageConfig) -> None:
@@ -316,6 +317,10 @@ def _input_files(cfg: CrawlConfig) -> list[tuple[str, str, Any]]:
     return out
 
 
+def _check_inputs_of(cfg: CrawlConfig) -> None:
+    _check_inputs(cfg, _input_files(cfg))
+
+
 def _check_inputs(cfg: CrawlConfig, files: list[tuple[str, str, Any]]) -> None:
     """Usage errors (a missing column) fail here, naming the file, before any Ray task starts."""
     for uri, fmt, _ in files:
@@ -327,7 +332,7 @@ def _prepare(cfg: CrawlConfig) -> tuple[list[tuple[str, str, Any]], str]:
     files = _input_files(cfg)
     # Path, size and modification time, as make decides: an edited list reruns the crawl even when its size
     # is unchanged (a URL swapped for one of equal length), without reading lists that may be gigabytes.
-    fp = fingerprint(STAGE, {**_fingerprint_config(cfg),
+    fp = fingerprint(NAME, {**_fingerprint_config(cfg),
                              "input_files": [f"{uri}:{i.size}:{i.mtime_ns}" for uri, _, i in files]})
     return files, fp
 
@@ -342,7 +347,7 @@ def ray_arguments(cfg: CrawlConfig, fp: str | None = None) -> dict[str, Any]:
     """Everything the driver ships to the plan tasks and crawler actors. Storage objects pickle as a URI
     plus options, never credentials: each worker resolves its own (tests pickle this and look for secrets)."""
     out = Storage.from_uri(cfg.output.path, cfg.output.s3)
-    return {"cfg": cfg, "store": PartStore(out, STAGE, fp or fingerprint_of(cfg), cfg.output.row_group_size)}
+    return {"cfg": cfg, "store": PartStore(out, NAME, fp or fingerprint_of(cfg), cfg.output.row_group_size)}
 
 
 def run(cfg: CrawlConfig) -> Manifest:
@@ -351,7 +356,7 @@ def run(cfg: CrawlConfig) -> Manifest:
     files, fp = _prepare(cfg)
     if cfg.retry_failed:
         return _retry_failed(cfg, out, fp, started)
-    existing = already_committed(out, STAGE, fp)
+    existing = already_committed(out, NAME, fp)
     if existing is not None:
         return existing
     _check_inputs(cfg, files)
@@ -377,7 +382,7 @@ def run(cfg: CrawlConfig) -> Manifest:
     reused = sum(p.skipped for p in parts)
     if reused:
         console.progress(note=f"{reused} parts reused from an earlier run")
-    return finish_stage(out, STAGE, fp, parts, SAMPLE_SCHEMA, to_dict(cfg), started, cfg.input.paths,
+    return finish_stage(out, NAME, fp, parts, SAMPLE_SCHEMA, to_dict(cfg), started, cfg.input.paths,
                         extra={"attempt": 1, "memory": _memory_summary(cfg, parts)})
 
 
@@ -407,7 +412,7 @@ def _retry_failed(cfg: CrawlConfig, out: Storage, fp: str, started: float) -> Ma
     init_ray(cfg.ray)
     import ray
 
-    store = PartStore(out, STAGE, f"{fp}:attempt{attempt}", cfg.output.row_group_size)
+    store = PartStore(out, NAME, f"{fp}:attempt{attempt}", cfg.output.row_group_size)
     items = []
     for entry in previous.extra.get("rejected_files", []):
         base = os.path.basename(entry["path"]).split(".", 1)[0]
@@ -445,7 +450,7 @@ def _merge_retry(previous: Manifest, retried: list[PartResult], attempt: int, se
     history.append({"attempt": attempt, "parts": len(retried), "rows_retried": sum(p.rows_in for p in retried),
                     "recovered": recovered, "seconds": round(seconds, 3)})
     return Manifest(
-        stage=STAGE, fingerprint=previous.fingerprint,
+        stage=NAME, fingerprint=previous.fingerprint,
         files=[*previous.files, *(f for p in retried for f in p.files)],
         schema=previous.schema, rows_in=previous.rows_in, rows_out=previous.rows_out + recovered,
         rejected={k: v for k, v in sorted(rejected.items()) if v > 0},
@@ -464,10 +469,19 @@ def _fingerprint_config(cfg: CrawlConfig) -> dict:
     return d
 
 
+def _wire(cfg: CrawlConfig, w: Wiring) -> CrawlConfig:
+    return dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, path=w.output or cfg.output.path, s3=w.s3),
+                               ray=w.ray)
+
+
+STAGE = Stage(
+    name=NAME, section=CrawlConfig, doc="URL + caption lists -> downloaded, checked, resized and hashed sample rows",
+    upstream=None, wired=("output.path", "output.s3", "ray"), wire=_wire, fingerprint=fingerprint_of, run=run,
+    validate=_check_inputs_of, parts=True,
+    rerun_when=lambda cfg: "recrawls its transient failures (crawl.retry_failed)" if cfg.retry_failed else None,
+    fresh=lambda cfg: dataclasses.replace(cfg, retry_failed=False))
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_command("crawl", CrawlConfig, argv, lambda cfg, _: run(cfg), doc=__doc__,
                        log_root=lambda c: c.output.path)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -13,7 +13,6 @@ from math import comb
 import imagehash
 import numpy as np
 from datasketch import MinHash, MinHashLSH
-from PIL import Image
 
 PHASH_BITS = 64
 # imagehash.phash's first bit (our bit 63) compares the DCT's DC term with the median of the 8x8
@@ -22,20 +21,7 @@ PHASH_BITS = 64
 LSH_BIT_POOL = 63
 
 
-# ---------------------------------------------------------------- phash as int64
-
-def phash_int64(image: Image.Image) -> int:
-    """imagehash.phash as a signed int64: bit 63 is the hash's first (top-left DCT) bit.
-
-    `str(hash)` is the 16-hex-digit big-endian form imagehash itself uses (`hex_to_hash` inverts
-    it), so `int(str(h), 16)` is the unsigned value; values >= 2**63 wrap to negative, exactly as
-    numpy's uint64 -> int64 view does.
-    """
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"phash_int64 needs a PIL.Image, got {type(image).__name__}")
-    unsigned = int(str(imagehash.phash(image)), 16)
-    return unsigned - (1 << 64) if unsigned >= 1 << 63 else unsigned
-
+# ---------------------------------------------------------------- phash as int64 (core.images.image_phash computes it)
 
 def int64_to_imagehash(value: int) -> imagehash.ImageHash:
     return imagehash.hex_to_hash(f"{value & 0xFFFFFFFFFFFFFFFF:016x}")

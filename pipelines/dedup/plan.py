@@ -151,13 +151,12 @@ def build_eval_index(eval_sets: dict[str, list[bytes] | list[int]]) -> EvalIndex
 
 def _eval_phash(name: str, i: int, item: Any) -> int:
     if isinstance(item, (bytes, bytearray, memoryview)):
-        import io
-        from PIL import Image, UnidentifiedImageError
+        from pipelines.core.images import phash_of_encoded
+
         try:
-            with Image.open(io.BytesIO(bytes(item))) as im:
-                return nd.phash_int64(im)
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"eval set {name!r} item {i}: not a decodable image ({err})") from err
+            return phash_of_encoded(bytes(item))
+        except ValueError as err:
+            raise ValueError(f"eval set {name!r} item {i}: {err}") from err
     if isinstance(item, (int, np.integer)) and not isinstance(item, bool) and -(1 << 63) <= int(item) < (1 << 63):
         return int(item)
     raise ValueError(f"eval set {name!r} item {i}: expected image bytes or an int64 phash, got {type(item).__name__}")

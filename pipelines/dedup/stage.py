@@ -11,7 +11,6 @@ holding the rows that stay; dropped rows go to `_rejected/` with the key of the 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,14 +23,14 @@ from pipelines.core.cli import run_command
 from pipelines.core.config import to_dict
 from pipelines.dedup.plan import DedupConfig, build_eval_index, overlap_report, plan_dedup
 from pipelines.evaluate.sets import EvalSet, open_eval_set, read_eval_set
-from pipelines.filter.stage import read_committed
-from pipelines.core.manifest import Manifest, fingerprint
-from pipelines.core.schema import REJECTED_SCHEMA
+from pipelines.core.manifest import Manifest, fingerprint, read_committed
+from pipelines.core.schema import rejected_table
 from pipelines.core.parts import OutputConfig, PartResult, PartStore, already_committed, finish_stage, run_file_parts
+from pipelines.core.stage import DATA_STAGE_WIRED, Stage, wire_data_stage
 from pipelines.core.runtime import RayConfig, data_args, init_ray
 from pipelines.core.storage import S3Options, Storage
 
-STAGE = "dedup"
+NAME = "dedup"
 KEY_COLUMNS = ["key", "url", "sha256", "phash", "caption", "width", "height", "original_width", "original_height"]
 
 
@@ -72,13 +71,9 @@ def _eval_phashes(eval_sets: list[EvalSet]) -> dict[str, list[int]]:
 
 
 def _phash_batch(batch: dict[str, Any]) -> dict[str, list[int]]:
-    import io
+    from pipelines.core.images import phash_of_encoded
 
-    from PIL import Image
-
-    from pipelines.dedup.near_dup import phash_int64
-
-    return {"phash": [phash_int64(Image.open(io.BytesIO(b)).convert("RGB")) for b in batch["image"]]}
+    return {"phash": [phash_of_encoded(b) for b in batch["image"]]}
 
 
 class WriteDrops:
@@ -121,22 +116,18 @@ class ApplyDrops:
         info = {k: (r, d) for k, r, d in zip(drops.column("key").to_pylist(), drops.column("reason").to_pylist(),
                                               drops.column("detail").to_pylist())}
         keys = gone.column("key").to_pylist()
-        rejected = pa.table({
-            "key": gone.column("key"), "url": gone.column("url"),
-            "stage": pa.array([STAGE] * len(keys), pa.string()),
-            "reason": pa.array([info[k][0] for k in keys], pa.string()),
-            "detail": pa.array([info[k][1] for k in keys], pa.string()),
-        }, schema=REJECTED_SCHEMA)
+        rejected = rejected_table(gone.column("key"), gone.column("url"), NAME, [info[k][0] for k in keys],
+                                  [info[k][1] for k in keys])
         return self.store.commit(name, kept, rejected, table.num_rows)
 
 
 def _prepare(cfg: DedupStageConfig) -> tuple[Storage, Manifest, list, str]:
-    inp, in_manifest = read_committed(cfg.input, cfg.input_s3, "filter")
+    inp, in_manifest = read_committed(cfg.input, cfg.input_s3, "dedup.input (the filter's output)", producer="filter")
     eval_sets = [open_eval_set(ref.dataset, cfg.input_s3, name=ref.name, classnames=[]) for ref in cfg.eval_sets]
     eval_sizes = [{"name": es.name, "files": len(es.files), "bytes": sum(es.storage.size(f) for f in es.files)}
                   for es in eval_sets]
     conf = {"dedup": to_dict(cfg.dedup), "eval_sets": eval_sizes}
-    return inp, in_manifest, eval_sets, fingerprint(STAGE, conf, [in_manifest])
+    return inp, in_manifest, eval_sets, fingerprint(NAME, conf, [in_manifest])
 
 
 def fingerprint_of(cfg: DedupStageConfig) -> str:
@@ -148,7 +139,7 @@ def run(cfg: DedupStageConfig) -> Manifest:
     started = time.time()
     inp, in_manifest, eval_sets, fp = _prepare(cfg)
     out = Storage.from_uri(cfg.output.path, cfg.output.s3)
-    existing = already_committed(out, STAGE, fp)
+    existing = already_committed(out, NAME, fp)
     if existing is not None:
         return existing
     init_ray(cfg.ray)
@@ -178,7 +169,7 @@ def run(cfg: DedupStageConfig) -> Manifest:
                                                     fn_constructor_kwargs={"out": out, "fp": fp},
                                                     concurrency=1, **data_args()).take_all()
     with_drops = {int(r["file_idx"]) for r in written}
-    store = PartStore(out, STAGE, fp, cfg.output.row_group_size)
+    store = PartStore(out, NAME, fp, cfg.output.row_group_size)
     items = [{"file_idx": i, "path": f} for i, f in enumerate(files)]
     parts = run_file_parts(items, ApplyDrops, {"inp": inp, "store": store, "fp": fp, "with_drops": with_drops},
                            cfg.workers)
@@ -188,16 +179,17 @@ def run(cfg: DedupStageConfig) -> Manifest:
         print("dedup: eval-set overlap (paper section 5)")
         for name, r in report.items():
             print(f"  {name}: {r}")
-    manifest = finish_stage(out, STAGE, fp, parts, schema, to_dict(cfg), started, [cfg.input],
+    manifest = finish_stage(out, NAME, fp, parts, schema, to_dict(cfg), started, [cfg.input],
                             extra={"eval_overlap": report}, timings=timings)
     out.delete_prefix(f"_work/{fp[:8]}")
     return manifest
 
 
+STAGE = Stage(
+    name=NAME, section=DedupStageConfig, default=DedupStageConfig, doc="exact and near duplicates, and eval-set decontamination (paper section 5)", upstream="filter", wired=DATA_STAGE_WIRED,
+    wire=wire_data_stage, fingerprint=fingerprint_of, run=run, parts=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_command("dedup", DedupStageConfig, argv, lambda cfg, _: run(cfg), doc=__doc__,
                        log_root=lambda c: c.output.path)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

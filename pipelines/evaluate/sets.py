@@ -38,6 +38,19 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return kind, path
 
 
+def check_dataset(spec: str, s3: S3Options | None, what: str) -> None:
+    """The eval set `spec` names exists and holds something to read (images or .parquet files); the
+    message names `what` (the setting) and the path. Cheap: a listing, nothing decoded."""
+    kind, path = parse_spec(spec)
+    if kind == "parquet" and _single_parquet_file(path, s3) is not None:
+        return
+    st = Storage.from_uri(path, s3)
+    wanted = IMAGE_EXTS if kind == "imagefolder" else (".parquet",)
+    if not any(f.lower().endswith(wanted) for f in st.list("")):
+        raise FileNotFoundError(f"{what} {spec}: no {'images' if kind == 'imagefolder' else '.parquet files'} "
+                                f"under {st.uri()}")
+
+
 def open_eval_set(spec: str, s3: S3Options | None = None, name: str | None = None,
                   classnames: list[str] | None = None, image_col: str = "image", label_col: str = "label") -> EvalSet:
     kind, path = parse_spec(spec)

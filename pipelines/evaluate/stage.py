@@ -27,10 +27,8 @@ Tasks and their data:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -42,7 +40,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from clip_model.export import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, load_export
+from clip_model.export import MODEL_FILE, load_export
 from clip_model.transforms import EvalTransform
 from clip_model.zeroshot import build_classifier, classification_metrics, load_templates, retrieval_metrics
 
@@ -50,9 +48,10 @@ from pipelines.core.cli import run_command
 from pipelines.core.config import to_dict
 from pipelines.evaluate.sets import EvalSet, open_eval_set, read_eval_set
 from pipelines.evaluate.linear_probe import ProbeConfig, linear_probe, split_indices
-from pipelines.core.manifest import Manifest, ManifestError, read_manifest
+from pipelines.core.checkpoints import local_checkpoint
+from pipelines.core.manifest import Manifest, read_committed
 from pipelines.core.runtime import RayConfig, data_args, init_ray
-from pipelines.core.storage import S3Options, Storage, StorageError
+from pipelines.core.storage import S3Options, Storage
 
 SINGLE_TEMPLATE = "a photo of a {}."
 TASKS = ("zeroshot", "linear-probe", "retrieval")
@@ -66,7 +65,7 @@ class EvalConfig:
     checkpoint: str
     # imagefolder:DIR (one subfolder per class) or parquet:PATH (image bytes + label, or + caption).
     dataset: str
-    # Local directory for results.json and the PNG plots.
+    # Directory (local or s3://) for results.json, the PNG plots and the _manifest.json that commits them.
     output: str
     # zeroshot, linear-probe or retrieval (see the module docstring for what each needs).
     task: str = "zeroshot"
@@ -119,29 +118,6 @@ class EvalConfig:
 
 # ---------------------------------------------------------------- checkpoint and inputs
 
-def local_checkpoint(uri: str, s3: S3Options | None = None) -> str:
-    """A local path to load_export: s3:// checkpoints are downloaded to a fresh temp dir per process."""
-    if not uri.startswith("s3://"):
-        if not os.path.exists(uri):
-            raise FileNotFoundError(f"checkpoint {uri}: no such file or directory")
-        return uri
-    st = Storage.from_uri(uri, s3)
-    dest = tempfile.mkdtemp(prefix="clip-eval-ckpt-")
-    if st.exists(MODEL_FILE):
-        for name in (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE):
-            if st.exists(name):
-                with open(os.path.join(dest, name), "wb") as f:
-                    f.write(st.read_bytes(name))
-        return dest
-    parent, _, base = uri.rstrip("/").rpartition("/")
-    pst = Storage.from_uri(parent, s3)
-    if not base or not pst.exists(base):
-        raise FileNotFoundError(f"checkpoint {uri}: neither an export directory with {MODEL_FILE} nor a file")
-    with open(os.path.join(dest, base), "wb") as f:
-        f.write(pst.read_bytes(base))
-    return os.path.join(dest, base)
-
-
 def load_classnames(path: str) -> list[str]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"classnames file {path}: no such file")
@@ -185,12 +161,9 @@ class ImageEmbedder:
         out = {k: v for k, v in batch.items() if k != "image"}
         out["embedding"] = feats.numpy().astype(np.float32)
         if self.with_phash:
-            from PIL import Image
+            from pipelines.core.images import phash_of_encoded
 
-            from pipelines.dedup.near_dup import phash_int64
-
-            out["phash"] = np.array([phash_int64(Image.open(io.BytesIO(b)).convert("RGB")) for b in batch["image"]],
-                                    dtype=np.int64)
+            out["phash"] = np.array([phash_of_encoded(b) for b in batch["image"]], dtype=np.int64)
         return out
 
 
@@ -339,16 +312,6 @@ def run_retrieval(cfg: EvalConfig, model: Any, tokenizer: Any) -> dict:
 
 # ---------------------------------------------------------------- data overlap (paper section 5)
 
-def open_train_manifest(uri: str, s3: S3Options) -> tuple[Storage, Manifest]:
-    st = Storage.from_uri(uri, s3)
-    manifest = read_manifest(st, "")
-    if manifest is None:
-        raise FileNotFoundError(f"--train-manifest {uri}: no _manifest.json (not a committed stage output)")
-    if manifest.schema and "phash" not in [f["name"] for f in manifest.schema]:
-        raise ValueError(f"--train-manifest {uri}: stage {manifest.stage} has no phash column")
-    return st, manifest
-
-
 def overlap_mask(train: tuple[Storage, Manifest], phashes: np.ndarray, radius: int) -> np.ndarray:
     """True for eval images within `radius` bits of some training row's phash."""
     import ray.data
@@ -405,13 +368,16 @@ def overlap_report(correct: torch.Tensor, overlap: np.ndarray, ids: list[str]) -
 # ---------------------------------------------------------------- the job
 
 def evaluate(cfg: EvalConfig) -> dict:
-    """Run one task; writes OUTPUT/results.json (+ PNGs) and returns the same dict."""
+    """Run one task; commits OUTPUT (local or s3://): results.json, the PNG plots and _manifest.json last.
+    Returns the results."""
     started, timings = time.time(), {}
     # Fail on bad input before any Ray work starts.
-    model, tokenizer = load_export(local_checkpoint(cfg.checkpoint, cfg.s3))
+    checkpoint = local_checkpoint(cfg.checkpoint, cfg.s3)
+    model, tokenizer = load_export(checkpoint)
     templates = load_templates(cfg.templates) if cfg.task == "zeroshot" else []
     classnames = load_classnames(cfg.classnames) if cfg.classnames else None
-    train = open_train_manifest(cfg.train_manifest, cfg.s3) if cfg.train_manifest else None
+    train = read_committed(cfg.train_manifest, cfg.s3, "train_manifest", column="phash") if cfg.train_manifest else None
+    out = Storage.from_uri(cfg.output, cfg.s3)
     init_ray(cfg.ray)
     results: dict[str, Any] = {"task": cfg.task, "checkpoint": cfg.checkpoint, "dataset": cfg.dataset}
     if cfg.task == "retrieval":
@@ -422,13 +388,61 @@ def evaluate(cfg: EvalConfig) -> dict:
         results.update(_classification(cfg, model, tokenizer, classnames, templates, train, timings))
     results["config"] = to_dict(cfg)
     results["timings"] = {**timings, "total_s": round(time.time() - started, 3)}
-    os.makedirs(cfg.output, exist_ok=True)
+    files = {}
     if cfg.plots and cfg.task != "retrieval":
-        results["plots"] = _plots(results, cfg.output)
-    with open(os.path.join(cfg.output, RESULTS_FILE), "w") as f:
-        json.dump(results, f, indent=2, allow_nan=False)
+        with tempfile.TemporaryDirectory(prefix="eval_plots_") as tmp:
+            results["plots"] = [os.path.basename(p) for p in _plots(results, tmp)]
+            for name in results["plots"]:
+                with open(os.path.join(tmp, name), "rb") as f:
+                    files[name] = f.read()
+    files[RESULTS_FILE] = json.dumps(results, indent=2, allow_nan=False).encode()
+    commit_results(out, files, results, fingerprint_of(cfg, checkpoint, train[1] if train else None),
+                   to_dict(cfg), time.time() - started)
     print(format_table(results), flush=True)
     return results
+
+
+def fingerprint_of(cfg: EvalConfig, checkpoint: str, train: Manifest | None) -> str:
+    """One evaluation's identity: the job's settings (template and class-name files by content), the weights
+    by content, and the training shards it is checked against."""
+    from pipelines.core.manifest import fingerprint
+
+    conf = {k: v for k, v in to_dict(cfg).items() if k not in ("output", "s3", "ray", "workers", "batch_size")}
+    for key in ("templates", "classnames"):
+        path = getattr(cfg, key)
+        if path and os.path.isfile(path):
+            conf[f"{key}_sha256"] = _sha256_file(path)
+    weights = os.path.join(checkpoint, MODEL_FILE) if os.path.isdir(checkpoint) else checkpoint
+    conf["weights_sha256"] = _sha256_file(weights)
+    return fingerprint("evaluate", conf, [train] if train is not None else [])
+
+
+def _sha256_file(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def commit_results(out: Storage, files: dict[str, bytes], results: dict, fp: str, config: dict,
+                   seconds: float) -> Manifest:
+    """Write an evaluation's files, then its manifest (the commit)."""
+    from pipelines.core.manifest import write_manifest
+
+    entries = []
+    for name, data in sorted(files.items()):
+        out.write_bytes(name, data)
+        entries.append({"path": name, "rows": 0, "bytes": len(data)})
+    n = int(results.get("n") or results.get("n_images") or 0)
+    manifest = Manifest(stage="evaluate", fingerprint=fp, files=entries, rows_in=n, rows_out=n, config=config,
+                        timings={"total_s": round(seconds, 3)},
+                        extra={"results": {k: results[k] for k in ("task", "top1", "top5", "n", "mean_per_class")
+                                           if k in results}})
+    write_manifest(out, "", manifest)
+    return manifest
 
 
 def _classification(cfg: EvalConfig, model: Any, tokenizer: Any, classnames: list[str] | None,

@@ -12,8 +12,6 @@ loads its checkpoint once per actor.
 from __future__ import annotations
 
 import os
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,16 +20,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.core.checkpoints import local_checkpoint
 from pipelines.core.cli import run_command
 from pipelines.core.config import to_dict
-from pipelines.filter.rules import FilterConfig, over_query_cap, row_reasons
-from pipelines.core.manifest import Manifest, fingerprint, read_manifest
-from pipelines.core.schema import REJECTED_SCHEMA, SAMPLE_SCHEMA
+from pipelines.filter.rules import FilterConfig, over_query_cap, query_cutoffs, row_reasons
+from pipelines.core.manifest import Manifest, fingerprint, read_committed
+from pipelines.core.schema import SAMPLE_SCHEMA, rejected_table
 from pipelines.core.parts import OutputConfig, PartResult, PartStore, already_committed, finish_stage, run_file_parts
+from pipelines.core.stage import DATA_STAGE_WIRED, Stage, wire_data_stage
 from pipelines.core.runtime import RayConfig, data_args, init_ray
 from pipelines.core.storage import S3Options, Storage
 
-STAGE = "filter"
+NAME = "filter"
 
 
 @dataclass
@@ -50,19 +50,9 @@ class FilterStageConfig:
             raise ValueError("filter.input is empty: give the crawl stage's output directory")
 
 
-def read_committed(uri: str, s3: S3Options, stage_hint: str) -> tuple[Storage, Manifest]:
-    storage = Storage.from_uri(uri, s3)
-    manifest = read_manifest(storage, "")
-    if manifest is None:
-        raise FileNotFoundError(f"{uri} has no _manifest.json: run the {stage_hint} stage first (or let it finish)")
-    return storage, manifest
-
-
 def _query_cutoffs(group: pa.Table, cap: int) -> pa.Table:
-    keys = sorted(group.column("key").to_pylist())
-    if len(keys) <= cap:
-        return pa.table({"query": pa.array([], pa.string()), "cutoff": pa.array([], pa.string())})
-    return pa.table({"query": [group.column("query")[0].as_py()], "cutoff": [keys[cap - 1]]})
+    cut = query_cutoffs({group.column("query")[0].as_py(): group.column("key").to_pylist()}, cap)
+    return pa.table({"query": pa.array(list(cut), pa.string()), "cutoff": pa.array(list(cut.values()), pa.string())})
 
 
 def _passing_rules(batch: pa.Table, rules: FilterConfig) -> pa.Table:
@@ -92,7 +82,7 @@ class ClipScorer:
         from clip_model.export import load_export
         from clip_model.transforms import EvalTransform
 
-        local = _fetch_export(checkpoint, s3)
+        local = local_checkpoint(checkpoint, s3)
         self.model, self.tokenizer = load_export(local)
         self.transform = EvalTransform(self.model.image_size)
 
@@ -107,20 +97,6 @@ class ClipScorer:
                 img, txt, _ = self.model(x, t)
                 out.append((img * txt).sum(dim=-1).numpy())
         return np.concatenate(out) if out else np.zeros(0, np.float32)
-
-
-def _fetch_export(uri: str, s3: S3Options) -> str:
-    """Exports on S3 are copied to a local temp dir (torch.load wants a file)."""
-    if not uri.startswith("s3://"):
-        return uri
-    st = Storage.from_uri(uri, s3)
-    local = tempfile.mkdtemp(prefix="clip-export-")
-    for rel in st.list(""):
-        path = os.path.join(local, rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(st.read_bytes(rel))
-    return local
 
 
 class FilterFiles:
@@ -157,18 +133,13 @@ class FilterFiles:
         kept = table.filter(keep)
         dropped = table.filter(pc.invert(keep))
         dropped_reasons = [r for r in reasons if r]
-        rejected = pa.table({
-            "key": dropped.column("key"), "url": dropped.column("url"),
-            "stage": pa.array([STAGE] * dropped.num_rows, pa.string()),
-            "reason": pa.array(dropped_reasons, pa.string()),
-            "detail": pa.array([""] * dropped.num_rows, pa.string()),
-        }, schema=REJECTED_SCHEMA)
+        rejected = rejected_table(dropped.column("key"), dropped.column("url"), NAME, dropped_reasons)
         return self.store.commit(name, kept, rejected, table.num_rows)
 
 
 def _prepare(cfg: FilterStageConfig) -> tuple[Storage, Manifest, str]:
-    inp, in_manifest = read_committed(cfg.input, cfg.input_s3, "crawl")
-    return inp, in_manifest, fingerprint(STAGE, {"rules": to_dict(cfg.rules)}, [in_manifest])
+    inp, in_manifest = read_committed(cfg.input, cfg.input_s3, "filter.input (the crawl's output)", producer="crawl")
+    return inp, in_manifest, fingerprint(NAME, {"rules": to_dict(cfg.rules)}, [in_manifest])
 
 
 def fingerprint_of(cfg: FilterStageConfig) -> str:
@@ -180,14 +151,14 @@ def run(cfg: FilterStageConfig) -> Manifest:
     started = time.time()
     inp, in_manifest, fp = _prepare(cfg)
     out = Storage.from_uri(cfg.output.path, cfg.output.s3)
-    existing = already_committed(out, STAGE, fp)
+    existing = already_committed(out, NAME, fp)
     if existing is not None:
         return existing
     init_ray(cfg.ray)
     t0 = time.time()
     cutoffs = compute_query_cutoffs(inp, in_manifest, cfg.rules) if cfg.rules.max_per_query else {}
     t_cap = time.time() - t0
-    store = PartStore(out, STAGE, fp, cfg.output.row_group_size)
+    store = PartStore(out, NAME, fp, cfg.output.row_group_size)
     items = [{"path": p} for p in in_manifest.file_paths()]
     if not items:
         raise ValueError(f"filter input {cfg.input} lists no data files (the crawl kept no rows)")
@@ -196,14 +167,15 @@ def run(cfg: FilterStageConfig) -> Manifest:
     schema = SAMPLE_SCHEMA
     if cfg.rules.clip_score_checkpoint:
         schema = schema.append(pa.field("clip_score", pa.float32()))
-    return finish_stage(out, STAGE, fp, parts, schema, to_dict(cfg), started, [cfg.input],
+    return finish_stage(out, NAME, fp, parts, schema, to_dict(cfg), started, [cfg.input],
                         extra={"queries_capped": len(cutoffs)}, timings={"query_cap_s": round(t_cap, 3)})
+
+
+STAGE = Stage(
+    name=NAME, section=FilterStageConfig, default=FilterStageConfig, doc="rules, language id, the per-query cap, CLIP score: rows a model should learn from", upstream="crawl", wired=DATA_STAGE_WIRED,
+    wire=wire_data_stage, fingerprint=fingerprint_of, run=run, parts=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     return run_command("filter", FilterStageConfig, argv, lambda cfg, _: run(cfg), doc=__doc__,
                        log_root=lambda c: c.output.path)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

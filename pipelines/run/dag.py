@@ -30,12 +30,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import os
-import re
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -44,45 +41,21 @@ from typing import Any
 from pipelines.core import console
 from pipelines.core.cli import run_command
 from pipelines.core.config import ConfigError, build_config, load_raw, to_dict
-from pipelines.crawl.stage import CrawlConfig
-from pipelines.dedup.stage import DedupStageConfig
-from pipelines.evaluate.stage import TASKS
-from pipelines.filter.stage import FilterStageConfig
-from pipelines.core.manifest import Manifest, fingerprint, read_manifest, write_manifest
-from pipelines.shard.stage import ShardConfig
-from pipelines.core.parts import OutputConfig
+from pipelines.core.manifest import committed, read_manifest
 from pipelines.core.runtime import RayConfig
+from pipelines.core.stage import Stage, Wiring
 from pipelines.core.storage import S3Options, Storage
-from pipelines.train.stage import TrainConfig
+from pipelines.crawl.stage import STAGE as CRAWL
+from pipelines.dedup.stage import STAGE as DEDUP
+from pipelines.evaluate.jobs import STAGE as EVALUATE
+from pipelines.filter.stage import STAGE as FILTER
+from pipelines.shard.stage import STAGE as SHARD
+from pipelines.train.stage import STAGE as TRAIN
 
-STAGES = ("crawl", "filter", "dedup", "shard", "train", "evaluate")
-DATA_STAGES = STAGES[:4]
-
-
-@dataclass
-class EvalJob:
-    # Names the job's output folder and its section in the report.
-    name: str
-    # imagefolder:DIR or parquet:PATH (see pipelines.evaluate).
-    dataset: str
-    task: str = "zeroshot"
-    classnames: str | None = None
-    # "openai-imagenet" (the paper's 80), "simple", or a JSON/text file of templates.
-    templates: str = "openai-imagenet"
-    # Paper section 5: split the eval set into Clean / Overlap against this run's training shards.
-    overlap: bool = False
-    overlap_hamming: int = 8
-    probe_train: str | None = None
-    batch_size: int = 64
-    workers: int | None = None
-
-    def __post_init__(self) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name or ""):
-            raise ValueError(f"evaluate job name {self.name!r} must be letters, digits, '_', '.', '-'")
-        if not self.dataset:
-            raise ValueError(f"evaluate job {self.name}: dataset must be given")
-        if self.task not in TASKS:
-            raise ValueError(f"evaluate job {self.name}: task must be one of {list(TASKS)}, got {self.task!r}")
+# The DAG, in order. Adding a stage: a package whose stage.py defines its Stage, and one entry here.
+PIPELINE: tuple[Stage, ...] = (CRAWL, FILTER, DEDUP, SHARD, TRAIN, EVALUATE)
+BY_NAME = {s.name: s for s in PIPELINE}
+STAGES = tuple(BY_NAME)
 
 
 @dataclass
@@ -93,128 +66,92 @@ class ReportConfig:
     samples: int = 24
 
 
-@dataclass
-class RunConfig:
-    # The stages' settings, as in their own configs. The runner sets what wires them together
-    # (each stage's input, output path, S3 options and Ray settings); setting those here is an error.
-    crawl: CrawlConfig
+@dataclass(kw_only=True)
+class RunSettings:
     # Where every stage's output goes: a local directory or s3://bucket/prefix.
     root: str = "out/run"
     # Connection settings for root and for the stages' S3 inputs (credentials from the AWS env/profile).
     s3: S3Options = field(default_factory=S3Options)
     ray: RayConfig = field(default_factory=RayConfig)
-    filter: FilterStageConfig = field(default_factory=FilterStageConfig)
-    dedup: DedupStageConfig = field(default_factory=DedupStageConfig)
-    shard: ShardConfig = field(default_factory=ShardConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    evaluate: list[EvalJob] = field(default_factory=list)
     report: ReportConfig = field(default_factory=ReportConfig)
 
     def __post_init__(self) -> None:
         if not self.root:
             raise ValueError("root must be a local directory or s3:// prefix")
-        names = [j.name for j in self.evaluate]
-        if len(set(names)) != len(names):
-            raise ValueError(f"evaluate job names must be unique, got {names}")
 
 
-# Keys the runner sets in each stage section (see wire()); a config that sets them is an error.
-WIRED_KEYS = {
-    "crawl": ("output.path", "output.s3", "ray"),
-    "filter": ("input", "input_s3", "output.path", "output.s3", "ray"),
-    "dedup": ("input", "input_s3", "output.path", "output.s3", "ray"),
-    "shard": ("input", "input_s3", "output.path", "output.s3", "ray"),
-    "train": ("data.manifest", "data.s3", "storage_path", "run_name", "s3", "ray"),
-}
+def _run_config() -> type:
+    """RunSettings plus one section per stage (its own config; `Stage.doc` is the field's comment). The runner
+    sets what wires the sections together (inputs, output paths, S3 options, Ray): see `Stage.wired`."""
+    fields = []
+    for st in PIPELINE:
+        meta = {"doc": st.doc}
+        fields.append((st.name, st.section, field(default_factory=st.default, metadata=meta) if st.default
+                       else field(metadata=meta)))
+    cls = dataclasses.make_dataclass("RunConfig", fields, bases=(RunSettings,), kw_only=True)
+    cls.__module__ = __name__  # pickles and prints as pipelines.run.dag.RunConfig
+    return cls
 
 
-def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
+RunConfig = _run_config()
+
+
+def load_run_config(path: str | None, overrides: list[str] = ()) -> Any:
     """RunConfig from YAML + overrides. Wired keys are refused, then filled with placeholders so that
-    each stage section validates as that stage's own config (errors name e.g. `dedup.dedup.partitions`)."""
+    each stage section validates as that stage's own config (errors name e.g. `dedup.dedup.partitions`);
+    then every stage's wired config is built once, so a value only the wiring checks fails here too."""
     data, source = load_raw(path, overrides)
-    for stage, keys in WIRED_KEYS.items():
-        section = data.get(stage) or {}
-        for key in keys:
-            node = section
+    for st in PIPELINE:
+        section = data.get(st.name)
+        if section is not None and st.wired and not isinstance(section, dict):
+            raise ConfigError(f"{st.name} in {source} must be a mapping")
+        for key in st.wired:
+            node = section or {}
             for part in key.split("."):
                 node = node.get(part) if isinstance(node, dict) else None
             if node is not None:
-                raise ConfigError(f"{stage}.{key} in {source} is set by the runner (stage outputs go under "
+                raise ConfigError(f"{st.name}.{key} in {source} is set by the runner (stage outputs go under "
                                   "root/<stage>/<fingerprint>; S3 and Ray settings come from the top-level s3 "
                                   "and ray sections): remove it")
-    for stage in ("filter", "dedup", "shard"):
-        if not isinstance(data.get(stage, {}), dict):
-            raise ConfigError(f"{stage} in {source} must be a mapping")
-        data.setdefault(stage, {})["input"] = f"<{STAGES[STAGES.index(stage) - 1]} output, set by the runner>"
-    return build_config(RunConfig, data, source)
+        if "input" in st.wired:
+            data.setdefault(st.name, {})["input"] = f"<{st.upstream} output, set by the runner>"
+    cfg = build_config(RunConfig, data, source)
+    for st in PIPELINE:
+        st.wire(getattr(cfg, st.name), _wiring(cfg, st, {}, ""))
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
 # Wiring: each stage's config with its input, output, S3 and Ray settings filled in.
 
 
-def stage_dir(cfg: RunConfig, stage: str, fp: str) -> str:
+def stage_dir(cfg: Any, stage: str, fp: str) -> str:
     return f"{cfg.root.rstrip('/')}/{stage}/{fp[:16]}"
 
 
-def _output(cfg: RunConfig, section: OutputConfig, path: str) -> OutputConfig:
-    return dataclasses.replace(section, path=path, s3=cfg.s3)
+def _wiring(cfg: Any, st: Stage, dirs: dict[str, str], output: str) -> Wiring:
+    upstream = dirs.get(st.upstream, "<not yet committed>") if st.upstream else None
+    return Wiring(input=upstream, output=output, dirs=dict(dirs), s3=cfg.s3, ray=cfg.ray)
 
 
-def wire(cfg: RunConfig, stage: str, dirs: dict[str, str], fp: str | None = None) -> Any:
+def wire(cfg: Any, stage: str, dirs: dict[str, str], fp: str | None = None) -> Any:
     """The stage's own config, reading its upstream's directory; `fp` (when known) names its output."""
-    out = stage_dir(cfg, stage, fp) if fp else ""
-    if stage == "crawl":
-        return dataclasses.replace(cfg.crawl, output=_output(cfg, cfg.crawl.output, out), ray=cfg.ray)
-    if stage in ("filter", "dedup", "shard"):
-        section = getattr(cfg, stage)
-        upstream = STAGES[STAGES.index(stage) - 1]
-        return dataclasses.replace(section, input=dirs[upstream], input_s3=cfg.s3,
-                                   output=_output(cfg, section.output, out), ray=cfg.ray)
-    if stage == "train":
-        data = dataclasses.replace(cfg.train.data, manifest=dirs["shard"], s3=cfg.s3)
-        return dataclasses.replace(cfg.train, data=data, s3=cfg.s3, ray=cfg.ray,
-                                   storage_path=f"{cfg.root.rstrip('/')}/train",
-                                   run_name=fp[:16] if fp else TrainConfig.run_name)
-    raise KeyError(stage)
+    st = BY_NAME[stage]
+    return st.wire(getattr(cfg, stage), _wiring(cfg, st, dirs, stage_dir(cfg, stage, fp) if fp else ""))
 
 
-def _job_fingerprint(job: EvalJob) -> dict:
-    """The job's settings, plus its template and class-name files by content (an edited prompt list of the
-    same path must re-evaluate). Named template sets ("openai-imagenet") are not files and count by name."""
-    out = to_dict(job)
-    for key in ("templates", "classnames"):
-        path = getattr(job, key)
-        if path and os.path.isfile(path):
-            with open(path, "rb") as f:
-                out[f"{key}_sha256"] = hashlib.sha256(f.read()).hexdigest()
-    return out
-
-
-def stage_fingerprint(cfg: RunConfig, stage: str, dirs: dict[str, str]) -> str:
+def stage_fingerprint(cfg: Any, stage: str, dirs: dict[str, str]) -> str:
     """The fingerprint `stage` commits under, given its upstream directories (which must be committed)."""
-    from pipelines import crawl
-    from pipelines import dedup
-    from pipelines import filter as filter_
-    from pipelines import shard
-    from pipelines import train
-
-    if stage == "evaluate":
-        train_manifest = _manifest(cfg, dirs["train"])
-        jobs = [_job_fingerprint(j) for j in cfg.evaluate]
-        # The weights' hash, not only the train manifest: a forced retrain commits the same file names and
-        # sizes under the same fingerprint, with (possibly) other weights.
-        return fingerprint("evaluate", {"jobs": jobs, "model_sha256": train_manifest.extra.get("model_sha256")},
-                           [train_manifest])
-    module = {"crawl": crawl, "filter": filter_, "dedup": dedup, "shard": shard, "train": train}[stage]
-    return module.fingerprint_of(wire(cfg, stage, dirs))
+    return BY_NAME[stage].fingerprint(wire(cfg, stage, dirs))
 
 
-def _manifest(cfg: RunConfig, directory: str) -> Manifest:
-    m = read_manifest(Storage.from_uri(directory, cfg.s3), "")
-    if m is None:
-        raise FileNotFoundError(f"{directory} has no _manifest.json")
-    return m
+def validate(cfg: Any) -> None:
+    """What can be checked before any stage runs: the root is reachable with the given credentials, and
+    every stage's own checks (input lists exist, model names are known, eval sets and prompt files exist)."""
+    Storage.from_uri(cfg.root, cfg.s3)  # S3: one head_bucket with the configured credentials
+    for st in PIPELINE:
+        if st.skip_when(getattr(cfg, st.name)) is None:
+            st.validate(st.wire(getattr(cfg, st.name), _wiring(cfg, st, {}, "")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,10 +198,12 @@ class Selection:
         return any(self.selected(s) for s in STAGES[STAGES.index(stage) + 1:])
 
 
-def decide(cfg: RunConfig, stage: str, dirs: dict[str, str], sel: Selection, upstream_runs: str | None) -> Step:
+def decide(cfg: Any, stage: str, dirs: dict[str, str], sel: Selection, upstream_runs: str | None) -> Step:
     """What to do with one stage now. `upstream_runs` names a stage before it that is still to run."""
-    if stage == "evaluate" and not cfg.evaluate:
-        return Step(stage, "skip", "no evaluate jobs configured")
+    st = BY_NAME[stage]
+    skip = st.skip_when(getattr(cfg, stage))
+    if skip is not None:
+        return Step(stage, "skip", skip)
     if not sel.selected(stage) and not sel.needed_later(stage):
         return Step(stage, "skip", "not selected")
     if upstream_runs is not None:
@@ -274,42 +213,40 @@ def decide(cfg: RunConfig, stage: str, dirs: dict[str, str], sel: Selection, ups
         return Step(stage, "pending", f"decided once {upstream_runs} has committed (its output may change)")
     fp = stage_fingerprint(cfg, stage, dirs)
     path = stage_dir(cfg, stage, fp)
-    committed = _committed(cfg, path, fp)
+    done = committed(Storage.from_uri(path, cfg.s3), fp) is not None
     if not sel.selected(stage):
-        if not committed:
+        if not done:
             raise ValueError(f"{stage} is needed by a selected stage but is not committed at {path} (this config "
                              "has not run it yet): run without --only/--from first")
         return Step(stage, "reuse", "committed (not selected, read by a selected stage)", fp, path)
     if sel.forced(stage):
-        return Step(stage, "run", "forced" + (" (recomputes its committed output)" if committed else ""), fp, path)
-    if committed and stage == "crawl" and cfg.crawl.retry_failed:
-        return Step(stage, "run", "recrawls its transient failures (crawl.retry_failed)", fp, path)
-    if committed:
+        return Step(stage, "run", "forced" + (" (recomputes its committed output)" if done else ""), fp, path)
+    again = st.rerun_when(wire(cfg, stage, dirs, fp)) if done else None
+    if again:
+        return Step(stage, "run", again, fp, path)
+    if done:
         return Step(stage, "reuse", "committed with this config and input", fp, path)
-    return Step(stage, "run", _why_not_committed(cfg, stage, path), fp, path)
+    return Step(stage, "run", _why_not_committed(cfg, st, path), fp, path)
 
 
-def _committed(cfg: RunConfig, path: str, fp: str) -> bool:
-    m = read_manifest(Storage.from_uri(path, cfg.s3), "")
-    return m is not None and m.fingerprint == fp
-
-
-def _why_not_committed(cfg: RunConfig, stage: str, path: str) -> str:
-    st = Storage.from_uri(path, cfg.s3)
-    parts = st.list("_parts") if stage in DATA_STAGES else []
+def _why_not_committed(cfg: Any, st: Stage, path: str) -> str:
+    out = Storage.from_uri(path, cfg.s3)
+    parts = out.list("_parts") if st.parts else []
     if parts:
         return f"resumes an interrupted run ({len(parts)} parts already committed)"
-    if st.list("", recursive=False):
+    if out.list("", recursive=False):
         return "resumes an interrupted run"
-    parent = Storage.from_uri(f"{cfg.root.rstrip('/')}/{stage}", cfg.s3)
+    parent = Storage.from_uri(f"{cfg.root.rstrip('/')}/{st.name}", cfg.s3)
     others = sorted(p.rstrip("/") for p in parent.list("", recursive=False) if p.endswith("/"))
     if others:
         return f"config or input changed (earlier outputs: {', '.join(others[:3])})"
     return "never run"
 
 
-def plan(cfg: RunConfig, sel: Selection) -> list[Step]:
-    """The plan as far as it can be known now (downstream of a stage that runs is pending)."""
+def plan(cfg: Any, sel: Selection) -> list[Step]:
+    """The plan as far as it can be known now (downstream of a stage that runs is pending), after the checks
+    that need no stage output (`validate`): a bad eval path or model name fails here, not hours later."""
+    validate(cfg)
     steps, dirs, upstream_runs = [], {}, None
     for stage in STAGES:
         step = decide(cfg, stage, dirs, sel, upstream_runs)
@@ -329,7 +266,7 @@ def format_plan(steps: list[Step], title: str = "plan") -> str:
 # Execution.
 
 
-def run_pipeline(cfg: RunConfig, sel: Selection = Selection(), dry_run: bool = False,
+def run_pipeline(cfg: Any, sel: Selection = Selection(), dry_run: bool = False,
                  command: str = "", initial: list[Step] | None = None) -> dict[str, Any]:
     """Run the DAG; returns {"plan": [...], "dirs": {stage: path}, "report": uri, ...}.
     `initial`: the plan if the caller already computed it (the CLI does, to report its errors)."""
@@ -373,75 +310,24 @@ def run_pipeline(cfg: RunConfig, sel: Selection = Selection(), dry_run: bool = F
     return {**summary, "results": results}
 
 
-def _execute(cfg: RunConfig, stage: str, dirs: dict[str, str], step: Step) -> Any:
-    from pipelines import crawl
-    from pipelines import dedup
-    from pipelines import filter as filter_
-    from pipelines import shard
-
-    if stage in DATA_STAGES:
-        module = {"crawl": crawl, "filter": filter_, "dedup": dedup, "shard": shard}[stage]
-        stage_cfg = wire(cfg, stage, dirs, step.fingerprint)
-        if stage == "crawl" and stage_cfg.retry_failed and not _committed(cfg, step.path, step.fingerprint):
-            stage_cfg = dataclasses.replace(stage_cfg, retry_failed=False)  # nothing to recrawl yet: a first crawl
-        manifest = module.run(stage_cfg)
-        if manifest.fingerprint != step.fingerprint:
-            raise AssertionError(f"{stage} committed fingerprint {manifest.fingerprint[:16]} but the plan "
-                                 f"computed {step.fingerprint[:16]}: stage_fingerprint is out of date")
-        return {"rows_out": manifest.rows_out}
-    if stage == "train":
-        return _train(cfg, dirs, step)
-    return _evaluate(cfg, dirs, step)
-
-
-def _train(cfg: RunConfig, dirs: dict[str, str], step: Step) -> dict[str, Any]:
-    from pipelines.train.stage import run_training
-
-    tcfg = wire(cfg, "train", dirs, step.fingerprint)
-    summary = run_training(tcfg)
-    shard = _manifest(cfg, dirs["shard"])
-    out = Storage.from_uri(step.path, cfg.s3)
-    files = [{"path": p, "rows": 0, "bytes": out.size(p)}
-             for p in sorted(out.list("export")) + ["summary.json", "metrics.jsonl"]]
-    write_manifest(out, "", Manifest(stage="train", fingerprint=step.fingerprint, files=files, rows_in=shard.rows_out,
-                                     rows_out=shard.rows_out, config=to_dict(tcfg),
-                                     timings={"total_s": summary.get("driver_wall_s", 0.0)},
-                                     extra={"summary": summary, "model_sha256": summary["model_sha256"]}))
-    return summary
-
-
-def _evaluate(cfg: RunConfig, dirs: dict[str, str], step: Step) -> dict[str, Any]:
-    from pipelines.evaluate.stage import EvalConfig, evaluate
-
-    out = Storage.from_uri(step.path, cfg.s3)
-    export = Storage.from_uri(dirs["train"], cfg.s3).uri("export")
-    results, files, images = {}, [], 0
-    with tempfile.TemporaryDirectory(prefix="evaluate_") as tmp:
-        for job in cfg.evaluate:
-            local = os.path.join(tmp, job.name)
-            r = evaluate(EvalConfig(
-                checkpoint=export, dataset=job.dataset, output=local, task=job.task, classnames=job.classnames,
-                templates=job.templates, train_manifest=dirs["shard"] if job.overlap else None,
-                overlap_hamming=job.overlap_hamming, probe_train=job.probe_train, batch_size=job.batch_size,
-                workers=job.workers, s3=cfg.s3, ray=cfg.ray))
-            results[job.name] = {k: r[k] for k in ("task", "top1", "top5", "n", "mean_per_class") if k in r}
-            images += int(r.get("n") or r.get("n_images") or 0)
-            for name in sorted(os.listdir(local)):
-                with open(os.path.join(local, name), "rb") as f:
-                    data = f.read()
-                out.write_bytes(f"{job.name}/{name}", data)
-                files.append({"path": f"{job.name}/{name}", "rows": 0, "bytes": len(data)})
-    write_manifest(out, "", Manifest(stage="evaluate", fingerprint=step.fingerprint, files=files, rows_in=images,
-                                     rows_out=images, config={"jobs": [to_dict(j) for j in cfg.evaluate]},
-                                     extra={"results": results}))
-    return results
+def _execute(cfg: Any, stage: str, dirs: dict[str, str], step: Step) -> Any:
+    """Run one stage through its contract; it commits its own manifest, which must carry the planned fingerprint."""
+    st = BY_NAME[stage]
+    stage_cfg = wire(cfg, stage, dirs, step.fingerprint)
+    if committed(Storage.from_uri(step.path, cfg.s3), step.fingerprint) is None:
+        stage_cfg = st.fresh(stage_cfg)
+    manifest = st.run(stage_cfg)
+    if manifest.fingerprint != step.fingerprint:
+        raise AssertionError(f"{stage} committed fingerprint {manifest.fingerprint[:16]} but the plan "
+                             f"computed {step.fingerprint[:16]}: its Stage.fingerprint is out of date")
+    return manifest.extra.get("summary") or manifest.extra.get("results") or {"rows_out": manifest.rows_out}
 
 
 # ---------------------------------------------------------------------------------------------
 # The report.
 
 
-def collect_report(cfg: RunConfig, steps: list[Step], dirs: dict[str, str], started: float, command: str,
+def collect_report(cfg: Any, steps: list[Step], dirs: dict[str, str], started: float, command: str,
                    error: BaseException | None) -> dict[str, Any]:
     """Everything the HTML report shows, read back from the committed outputs."""
     report: dict[str, Any] = {
@@ -479,7 +365,7 @@ def collect_report(cfg: RunConfig, steps: list[Step], dirs: dict[str, str], star
     return report
 
 
-def _write_report(cfg: RunConfig, steps: list[Step], dirs: dict[str, str], started: float, command: str,
+def _write_report(cfg: Any, steps: list[Step], dirs: dict[str, str], started: float, command: str,
                   error: BaseException | None) -> str:
     try:
         from pipelines.run.report import build_report_html
@@ -533,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def wired_keys() -> list[str]:
     """The dotted run-config keys the runner sets itself (left out of --help and --print-config)."""
-    return [f"{stage}.{key}" for stage, keys in WIRED_KEYS.items() for key in keys]
+    return [f"{st.name}.{key}" for st in PIPELINE for key in st.wired]
 
 
 def printable_config(cfg: Any) -> dict[str, Any]:

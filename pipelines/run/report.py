@@ -49,6 +49,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from pipelines.core.manifest import human_bytes
+
 import matplotlib
 
 matplotlib.use("Agg")  # headless; must precede the pyplot import
@@ -231,14 +233,6 @@ def _not_run(what: str) -> str:
     return f'<p class="notrun">{_e(what)}: not run.</p>'
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 def _ordered_stages(report: Mapping[str, Any]) -> list[str]:
     """Stages in plan order; stages only in `stages` follow in pipeline order, then as given."""
     names = [row["stage"] for row in report.get("plan") or [] if row.get("stage")]
@@ -334,7 +328,7 @@ def _stage_table(name: str, m: Mapping[str, Any]) -> str:
     out.append("</table>")
     files = m.get("files") or []
     timings = m.get("timings") or {}
-    facts = [f"{len(files)} files, {_human_bytes(sum(int(f.get('bytes', 0)) for f in files))}"]
+    facts = [f"{len(files)} files, {human_bytes(sum(int(f.get('bytes', 0)) for f in files))}"]
     if timings:
         facts.append("timings " + ", ".join(f"{_e(k)} {float(v):.2f} s" for k, v in timings.items()))
     out.append(f'<div class="meta">{"; ".join(facts)}</div>')

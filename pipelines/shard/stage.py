@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -22,13 +21,13 @@ import pyarrow.parquet as pq
 
 from pipelines.core.cli import run_command
 from pipelines.core.config import to_dict
-from pipelines.filter.stage import read_committed
-from pipelines.core.manifest import MANIFEST_NAME, Manifest, fingerprint
+from pipelines.core.manifest import MANIFEST_NAME, Manifest, fingerprint, read_committed
 from pipelines.core.parts import OutputConfig, PartResult, already_committed, finish_stage
+from pipelines.core.stage import DATA_STAGE_WIRED, Stage, wire_data_stage
 from pipelines.core.runtime import RayConfig, data_args, init_ray
 from pipelines.core.storage import S3Options, Storage
 
-STAGE = "shard"
+NAME = "shard"
 _ORDER = "_shard_order"
 _ORDER_BITS = 62  # order keys are uniform in [0, 2**62): int64-safe
 
@@ -92,9 +91,9 @@ def _names(fp: str):
 
 
 def _prepare(cfg: ShardConfig) -> tuple[Storage, Manifest, str]:
-    inp, in_manifest = read_committed(cfg.input, cfg.input_s3, "dedup")
+    inp, in_manifest = read_committed(cfg.input, cfg.input_s3, "shard.input (the dedup's output)", producer="dedup")
     conf = {k: v for k, v in to_dict(cfg).items() if k not in ("input", "input_s3", "output", "ray")}
-    return inp, in_manifest, fingerprint(STAGE, conf, [in_manifest])
+    return inp, in_manifest, fingerprint(NAME, conf, [in_manifest])
 
 
 def fingerprint_of(cfg: ShardConfig) -> str:
@@ -106,7 +105,7 @@ def run(cfg: ShardConfig) -> Manifest:
     started = time.time()
     inp, in_manifest, fp = _prepare(cfg)
     out = Storage.from_uri(cfg.output.path, cfg.output.s3)
-    committed = already_committed(out, STAGE, fp)
+    committed = already_committed(out, NAME, fp)
     if committed is not None:
         return committed
     if in_manifest.rows_out == 0:
@@ -163,14 +162,15 @@ def run(cfg: ShardConfig) -> Manifest:
     print(f"shard: {len(files)} shards, rows per shard min {sizes.min()} / median {int(np.median(sizes))} / "
           f"max {sizes.max()} (target {per_shard})", flush=True)
     schema = pq.read_schema(out.open_input(files[0]["path"]))
-    return finish_stage(out, STAGE, fp, [part], schema, to_dict(cfg), started, [cfg.input],
+    return finish_stage(out, NAME, fp, [part], schema, to_dict(cfg), started, [cfg.input],
                         extra={"rows_per_shard_target": per_shard, "num_shards": len(files)})
+
+
+STAGE = Stage(
+    name=NAME, section=ShardConfig, default=ShardConfig, doc="shuffled, sized training shards", upstream="dedup", wired=DATA_STAGE_WIRED,
+    wire=wire_data_stage, fingerprint=fingerprint_of, run=run, parts=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     return run_command("shard", ShardConfig, argv, lambda cfg, _: run(cfg), doc=__doc__,
                        log_root=lambda c: c.output.path)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -16,7 +16,7 @@ import numpy as np
 
 from clip_model.config import ClipConfig
 from clip_model.transforms import TrainTransform
-from pipelines.core.manifest import read_manifest
+from pipelines.core.manifest import read_committed
 from pipelines.core.storage import Storage
 
 # The only columns the trainer needs; the rest of SAMPLE_SCHEMA is never read from the shards.
@@ -40,12 +40,8 @@ def load_tokenizer():
 
 
 def committed_files(manifest_uri: str, s3=None) -> tuple[Storage, list[str], int]:
-    """(storage, files, rows) of a committed stage output; an uncommitted directory is an error."""
-    storage = Storage.from_uri(manifest_uri, s3)
-    manifest = read_manifest(storage, "")
-    if manifest is None:
-        raise FileNotFoundError(f"data.manifest {manifest_uri!r} has no _manifest.json: the shard stage has not "
-                                "committed there (run it first, or point at its output directory)")
+    """(storage, files, rows) of the shard stage's committed output."""
+    storage, manifest = read_committed(manifest_uri, s3, "data.manifest (the shard stage's output)", producer="shard")
     if not manifest.files:
         raise ValueError(f"data.manifest {manifest_uri!r} lists no files")
     return storage, manifest.file_paths(), sum(f.rows for f in manifest.files)

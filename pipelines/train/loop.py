@@ -26,7 +26,8 @@ from clip_model import CLIP, build_loss, build_model
 from clip_model.model import LOGIT_SCALE_MAX
 from clip_model.optim import param_groups
 from pipelines.train import checkpointing as ckpt_io
-from pipelines.train.stage import TrainConfig, run_dir
+from pipelines.train.config import TrainConfig, run_dir
+from pipelines.train.hooks import TrainHooks
 from pipelines.train.data import load_tokenizer, steps_per_epoch
 
 
@@ -176,15 +177,15 @@ def clamp_logit_scale(engine) -> None:
         safe_set_full_fp32_param(p, torch.full_like(value, LOGIT_SCALE_MAX))
 
 
-def dump_state(engine, cfg: TrainConfig, name: str, rank: int) -> None:
-    if not cfg.debug_dump_dir:
+def dump_state(engine, hooks: TrainHooks, name: str, rank: int) -> None:
+    if not hooks.debug_dump_dir:
         return
     state = {"params": full_fp32_state(engine), "exp_avg": full_optimizer_state(engine, "exp_avg"),
              "exp_avg_sq": full_optimizer_state(engine, "exp_avg_sq"),
              "lr": [g["lr"] for g in engine.optimizer.param_groups], "global_steps": engine.global_steps}
     if rank == 0:
-        os.makedirs(cfg.debug_dump_dir, exist_ok=True)
-        torch.save(state, os.path.join(cfg.debug_dump_dir, f"{name}.pt"))
+        os.makedirs(hooks.debug_dump_dir, exist_ok=True)
+        torch.save(state, os.path.join(hooks.debug_dump_dir, f"{name}.pt"))
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -232,9 +233,9 @@ def _mean_over_workers(x: torch.Tensor, world: int) -> float:
     return float(x)
 
 
-def _maybe_fail(cfg: TrainConfig, step: int, rank: int) -> None:
-    if cfg.fail_at_step == step and rank == 1 and not os.path.exists(cfg.fail_marker):
-        with open(cfg.fail_marker, "w") as f:
+def _maybe_fail(hooks: TrainHooks, step: int, rank: int) -> None:
+    if hooks.fail_at_step == step and rank == 1 and not os.path.exists(hooks.fail_marker):
+        with open(hooks.fail_marker, "w") as f:
             f.write(str(step))
         print(f"[train] rank 1 exiting hard at step {step} (fail_at_step test hook)", flush=True)
         os._exit(1)
@@ -269,7 +270,7 @@ def train_step(engine, cfg: TrainConfig, images: torch.Tensor, tokens: torch.Ten
     return feature_cached_step(engine, micro, backward)
 
 
-def _resume(engine_args: dict[str, Any], cfg: TrainConfig, world: int, rank: int):
+def _resume(engine_args: dict[str, Any], cfg: TrainConfig, world: int, rank: int, hooks: TrainHooks):
     """Build the engine, loading the newest complete checkpoint if there is one."""
     ckpt = ckpt_io.resume_checkpoint()
     if ckpt is None:
@@ -296,18 +297,18 @@ def _resume(engine_args: dict[str, Any], cfg: TrainConfig, world: int, rank: int
               f"now {world}{', universal checkpoint' if universal else ''})", flush=True)
     state.resumes.append({"step": state.step, "from_world_size": state.world_size, "world_size": world})
     state.world_size, state.zero_stage = world, cfg.zero_stage
-    dump_state(engine, cfg, f"load_step{state.step}_ws{world}", rank)
+    dump_state(engine, hooks, f"load_step{state.step}_ws{world}", rank)
     return engine, state
 
 
-def _save(engine, cfg: TrainConfig, state: ckpt_io.TrainState, rank: int, metrics: dict[str, Any]) -> None:
+def _save(engine, hooks: TrainHooks, state: ckpt_io.TrainState, rank: int, metrics: dict[str, Any]) -> None:
     directory = tempfile.mkdtemp(prefix=f"ckpt_rank{rank}_")
     try:
         ckpt_io.save_local(engine, state, directory, rank)
         ckpt_io.report_and_commit(metrics, directory, state.step, rank)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    dump_state(engine, cfg, f"save_step{state.step}_ws{state.world_size}", rank)
+    dump_state(engine, hooks, f"save_step{state.step}_ws{state.world_size}", rank)
 
 
 def _tb_dir(cfg: TrainConfig, rank: int) -> str | None:
@@ -323,12 +324,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     cfg: TrainConfig = config["cfg"]
+    hooks: TrainHooks = config.get("hooks") or TrainHooks()
     ctx = ray.train.get_context()
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
     per_worker = cfg.per_worker_batch(world)
     spe = steps_per_epoch(config["rows"], world, per_worker)
     total = cfg.max_steps or cfg.epochs * spe
-    engine, state = _resume({"per_worker": per_worker, "total_steps": total}, cfg, world, rank)
+    engine, state = _resume({"per_worker": per_worker, "total_steps": total}, cfg, world, rank, hooks)
     state.config = config.get("cfg_dict", {})
     random.seed(cfg.seed + rank + state.step)
     np.random.seed((cfg.seed + rank + state.step) % 2**32)
@@ -343,7 +345,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for _ in range(spe - skip):
             if state.step >= total:
                 break
-            _maybe_fail(cfg, state.step + 1, rank)
+            _maybe_fail(hooks, state.step + 1, rank)
             t0 = time.perf_counter()
             batch = next(batches)
             t1 = time.perf_counter()
@@ -359,7 +361,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state.history.append(record)
             progress.step(state.step, record)
             if state.step % cfg.checkpoint_every == 0 or state.step == total:
-                _save(engine, cfg, state, rank, {k: v for k, v in record.items()})
+                _save(engine, hooks, state, rank, {k: v for k, v in record.items()})
     progress.close()
     _finish(engine, cfg, state, rank, tb_dir)
 

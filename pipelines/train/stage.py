@@ -3,8 +3,9 @@
     python -m pipelines.train --config configs/train_tiny.yaml [key=value ...]
 
 The driver only resolves the config, starts Ray, builds the streaming input dataset and the
-TorchTrainer; the per-worker loop lives in `pipelines.train_loop`, the input stages in
-`pipelines.train_data`, checkpoint layout and resume rules in `pipelines.checkpointing`.
+TorchTrainer, and commits the run directory's manifest at the end; the settings live in
+`config.py`, the per-worker loop in `loop.py`, the input stages in `data.py`, checkpoint layout and
+resume rules in `checkpointing.py`. Imports go one way: config <- loop <- stage.
 
 Global-batch policy (what must stay true when the worker count changes, e.g. on an elastic
 resume): `global_batch_size` is the setting and the number of negatives of every sample; the
@@ -19,190 +20,21 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from pipelines.core.cli import run_command
 from pipelines.core.config import to_dict
-from pipelines.core.runtime import RayConfig, init_ray
-from pipelines.core.storage import S3Options, Storage
+from pipelines.core.manifest import Manifest, write_manifest
+from pipelines.core.runtime import init_ray
+from pipelines.core.stage import Stage, Wiring
+from pipelines.core.storage import Storage
+from pipelines.train.config import TrainConfig, run_dir
+from pipelines.train.hooks import TrainHooks
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class OptimConfig:
-    # Peak learning rate after warmup (AdamW; the paper uses 5e-4 at batch 32k).
-    lr: float = 5e-4
-    # Linear warmup from 0 to lr over this many optimizer steps, then cosine decay to lr * min_lr_ratio.
-    warmup_steps: int = 1
-    min_lr_ratio: float = 0.0
-    # Decoupled weight decay on matrices and embeddings only (clip_model.optim.param_groups).
-    weight_decay: float = 0.2
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    # Global gradient-norm clip; 0 disables.
-    grad_clip: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
-        if self.warmup_steps < 1:
-            raise ValueError(f"optim.warmup_steps must be >= 1 (DeepSpeed's WarmupCosineLR needs it), got {self.warmup_steps}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.weight_decay < 0 or self.eps <= 0 or self.grad_clip < 0:
-            raise ValueError("optim.weight_decay and optim.grad_clip must be >= 0 and optim.eps > 0")
-        if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"optim.betas must be in [0, 1), got {self.betas}")
-
-
-@dataclass
-class TrainDataConfig:
-    # Directory (local or s3://) holding the shard stage's _manifest.json; only listed files are read.
-    manifest: str = ""
-    # Connection settings when manifest is on S3.
-    s3: S3Options = field(default_factory=S3Options)
-    # Random square crop covering this fraction of the image area; [1.0, 1.0] makes augmentation
-    # deterministic (the tests use it to compare runs step by step).
-    crop_scale: tuple[float, float] = (0.9, 1.0)
-    # Rows per decode/augment/tokenise task.
-    map_batch_size: int = 64
-    # Parallel decode/augment/tokenise tasks at most.
-    map_concurrency: int = 1
-    # CPUs each map actor reserves (fractional is fine: the stage is mostly PIL and numpy).
-    map_num_cpus: float = 1.0
-    # Shuffle the order of blocks (row groups of the shards) with this seed; None keeps file order.
-    shuffle_seed: int | None = None
-    # Rows in each worker's local shuffle buffer; 0 disables.
-    local_shuffle_buffer: int = 0
-    # Read the shards once into Ray's object store and re-run only decode/augment/tokenise each epoch.
-    # For datasets that fit in the object store (the demo): each epoch otherwise re-lists and re-reads
-    # the files, which cost 10-15 s per epoch start against a local S3 server.
-    cache_encoded: bool = False
-
-    def __post_init__(self) -> None:
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"data.crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
-        if self.map_batch_size < 1 or self.map_concurrency < 1 or self.map_num_cpus <= 0 or self.local_shuffle_buffer < 0:
-            raise ValueError("data.map_batch_size >= 1, data.map_concurrency >= 1, data.map_num_cpus > 0 and "
-                             "data.local_shuffle_buffer >= 0 are required")
-
-
-@dataclass
-class TrainConfig:
-    # A named architecture from clip_model.config (e.g. "ViT-B/32", "tiny-vit").
-    model: str = "tiny-vit"
-    # "clip" = the paper's softmax loss; "siglip" needs a model built with a logit bias (set automatically).
-    loss: Literal["clip", "siglip"] = "clip"
-    # Samples per optimizer step over all workers = negatives per sample; see the module docstring.
-    global_batch_size: int = 256
-    epochs: int = 1
-    # Stop after this many optimizer steps (overrides epochs when set).
-    max_steps: int | None = None
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    # DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters.
-    zero_stage: Literal[1, 2, 3] = 2
-    # auto = bf16 with CUDA, fp32 on CPU (gloo and CPU kernels gain nothing from bf16 here).
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    grad_checkpointing: bool = False
-    # FLIP: fraction of image patches dropped in training (ViT only).
-    patch_dropout: float = 0.0
-    # Micro-batches per optimizer step with feature caching: every accumulated sample stays a
-    # negative of every other (OpenCLIP's accum-freq), so the contrastive batch is never smaller.
-    accum_freq: int = 1
-    # Save every N optimizer steps (and always at the end); Ray keeps the newest keep_checkpoints.
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    # Run output root (local directory or s3://bucket/prefix): checkpoints, TensorBoard, export.
-    storage_path: str = "runs"
-    # Run name under storage_path; rerunning with the same name resumes from its newest complete checkpoint.
-    run_name: str = "clip-train"
-    # Connection settings when storage_path is on S3.
-    s3: S3Options = field(default_factory=S3Options)
-    # A worker count, or [min, max] for an elastic run (Ray Train V2 resizes between them).
-    num_workers: int | list[int] = 2
-    use_gpu: bool = False
-    # Logical CPUs each training worker holds for the whole run: leave CPUs for the Ray Data stages.
-    cpus_per_worker: float = 1.0
-    # Worker-group restarts (from the newest complete checkpoint) before the run fails.
-    max_failures: int = 0
-    seed: int = 0
-    # Print a progress line every N steps (rank 0).
-    log_every: int = 1
-    data: TrainDataConfig = field(default_factory=TrainDataConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-    # Test only: rank 1 exits hard at this step, once (guarded by the fail_marker file).
-    fail_at_step: int | None = None
-    fail_marker: str = ""
-    # Test only: rank 0 writes full fp32 weights + Adam moments here after every save and load.
-    debug_dump_dir: str = ""
-
-    def __post_init__(self) -> None:
-        if self.global_batch_size < 1 or self.epochs < 1:
-            raise ValueError("global_batch_size and epochs must be >= 1")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
-        if not 0.0 <= self.patch_dropout < 1.0:
-            raise ValueError(f"patch_dropout must be in [0, 1), got {self.patch_dropout}")
-        if self.accum_freq < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.log_every < 1:
-            raise ValueError("accum_freq, checkpoint_every, keep_checkpoints and log_every must be >= 1")
-        if self.cpus_per_worker <= 0 or self.max_failures < -1:
-            raise ValueError("cpus_per_worker must be > 0 and max_failures >= -1 (-1 = unlimited)")
-        if not self.run_name or "/" in self.run_name:
-            raise ValueError(f"run_name must be a non-empty name without '/', got {self.run_name!r}")
-        if self.fail_at_step is not None and not self.fail_marker:
-            raise ValueError("fail_at_step needs fail_marker (a file that makes the failure happen only once)")
-        for n in self.worker_counts():
-            per, rem = divmod(self.global_batch_size, n)
-            if rem:
-                raise ValueError(f"global_batch_size {self.global_batch_size} is not divisible by {n} workers "
-                                 "(the global batch is kept on resize, so every allowed worker count must divide it)")
-            if per % self.accum_freq:
-                raise ValueError(f"per-worker batch {per} (at {n} workers) is not divisible by accum_freq {self.accum_freq}")
-
-    def worker_counts(self) -> range:
-        if isinstance(self.num_workers, int):
-            lo = hi = self.num_workers
-        elif len(self.num_workers) == 2:
-            lo, hi = self.num_workers
-        else:
-            raise ValueError(f"num_workers must be an int or [min, max], got {self.num_workers!r}")
-        if not 1 <= lo <= hi:
-            raise ValueError(f"num_workers must satisfy 1 <= min <= max, got {self.num_workers!r}")
-        return range(lo, hi + 1)
-
-    def per_worker_batch(self, world_size: int) -> int:
-        if self.global_batch_size % world_size:
-            raise ValueError(f"global_batch_size {self.global_batch_size} is not divisible by world size {world_size}")
-        return self.global_batch_size // world_size
-
-    def resolved_precision(self) -> str:
-        if self.precision == "auto":
-            return "bf16" if self.use_gpu else "fp32"
-        return self.precision
-
-    def model_config(self):
-        from clip_model import get_config
-
-        overrides: dict[str, Any] = {"grad_checkpointing": self.grad_checkpointing}
-        if self.loss == "siglip":
-            overrides["init_logit_bias"] = -10.0  # SigLIP's init (Zhai et al., 2023)
-        cfg = get_config(self.model, **overrides)
-        if self.patch_dropout:
-            if not cfg.vision.is_vit:
-                raise ValueError(f"patch_dropout needs a ViT image tower; {self.model} is a ResNet")
-            cfg.vision = dataclasses.replace(cfg.vision, patch_dropout=self.patch_dropout)
-        return cfg
-
-
-def run_dir(cfg: TrainConfig) -> Storage:
-    """The run's output directory (checkpoints are Ray's, under the same prefix)."""
-    return Storage.from_uri(cfg.storage_path.rstrip("/") + "/" + cfg.run_name, cfg.s3)
-
-
-def build_trainer(cfg: TrainConfig, datasets: dict[str, Any], rows: int):
+def build_trainer(cfg: TrainConfig, datasets: dict[str, Any], rows: int, hooks: TrainHooks | None = None):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -220,7 +52,7 @@ def build_trainer(cfg: TrainConfig, datasets: dict[str, Any], rows: int):
     )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "rows": rows, "cfg_dict": to_dict(cfg)},
+        train_loop_config={"cfg": cfg, "rows": rows, "cfg_dict": to_dict(cfg), "hooks": hooks or TrainHooks()},
         # gloo on CPU; DeepSpeed wraps this process group instead of creating its own.
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -237,31 +69,32 @@ def _absolute(path: str) -> str:
 
 def resolve_paths(cfg: TrainConfig) -> TrainConfig:
     data = dataclasses.replace(cfg.data, manifest=_absolute(cfg.data.manifest))
-    return dataclasses.replace(cfg, storage_path=_absolute(cfg.storage_path), data=data,
-                               fail_marker=_absolute(cfg.fail_marker), debug_dump_dir=_absolute(cfg.debug_dump_dir))
+    return dataclasses.replace(cfg, storage_path=_absolute(cfg.storage_path), data=data)
 
 
 # Settings that change where or how fast a run goes, not what it learns: left out of the fingerprint.
 # (num_workers is out because the global batch, and so every optimizer step, is kept on a resize.)
 _OPERATIONAL = ("storage_path", "run_name", "s3", "num_workers", "cpus_per_worker", "max_failures", "log_every",
-                "checkpoint_every", "keep_checkpoints", "ray", "fail_at_step", "fail_marker", "debug_dump_dir")
+                "checkpoint_every", "keep_checkpoints", "ray")
 _OPERATIONAL_DATA = ("manifest", "s3", "map_batch_size", "map_concurrency", "map_num_cpus", "cache_encoded")
 
 
 def fingerprint_of(cfg: TrainConfig) -> str:
     """The training run's identity: what it learns from (the committed shards) and how (the settings
     that shape the weights)."""
-    from pipelines.filter.stage import read_committed
+    from pipelines.core.manifest import read_committed
     from pipelines.core.manifest import fingerprint
 
-    _, shards = read_committed(cfg.data.manifest, cfg.data.s3, "shard")
+    _, shards = read_committed(cfg.data.manifest, cfg.data.s3, "data.manifest (the shard stage's output)",
+                               producer="shard")
     conf = {k: v for k, v in to_dict(cfg).items() if k not in _OPERATIONAL}
     conf["data"] = {k: v for k, v in conf["data"].items() if k not in _OPERATIONAL_DATA}
     return fingerprint("train", conf, [shards])
 
 
-def run_training(cfg: TrainConfig) -> dict[str, Any]:
-    """Train (or resume) and return the summary that rank 0 wrote next to the export."""
+def run_training(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
+    """Train (or resume) and return the summary that rank 0 wrote next to the export. `hooks` are the
+    tests' injection points (a worker that dies once, state dumps); the product never passes them."""
     from pipelines.train.data import build_train_dataset, committed_files
 
     cfg = resolve_paths(cfg)
@@ -271,7 +104,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     start = time.time()
     _, _, rows = committed_files(cfg.data.manifest, cfg.data.s3)
     dataset = build_train_dataset(cfg.data, cfg.model_config())
-    result = build_trainer(cfg, {"train": dataset}, rows).fit()
+    result = build_trainer(cfg, {"train": dataset}, rows, hooks).fit()
     if result.error is not None:
         raise RuntimeError(f"training run {cfg.run_name} failed: {result.error}") from result.error
     summary = json.loads(run_dir(cfg).read_bytes("summary.json"))
@@ -279,15 +112,52 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     return summary
 
 
+def run(cfg: TrainConfig, hooks: TrainHooks | None = None) -> Manifest:
+    """Train (or resume) and commit the run directory: its export, summary and metrics, under the run's
+    fingerprint, so the DAG and a standalone run commit the same thing."""
+    from pipelines.train.data import committed_files
+
+    fp = fingerprint_of(cfg)
+    summary = run_training(cfg, hooks)
+    _, _, rows = committed_files(cfg.data.manifest, cfg.data.s3)
+    out = run_dir(cfg)
+    files = [{"path": p, "rows": 0, "bytes": out.size(p)}
+             for p in sorted(out.list("export")) + ["summary.json", "metrics.jsonl"]]
+    manifest = Manifest(stage="train", fingerprint=fp, files=files, rows_in=rows, rows_out=rows, config=to_dict(cfg),
+                        timings={"total_s": summary.get("driver_wall_s", 0.0)},
+                        extra={"summary": summary, "model_sha256": summary["model_sha256"]})
+    write_manifest(out, "", manifest)
+    return manifest
+
+
+def _validate(cfg: TrainConfig) -> None:
+    """An unknown model name fails here, before any data stage has run (not when training starts)."""
+    try:
+        cfg.model_config()
+    except KeyError as err:
+        raise ValueError(f"train.model: {err.args[0]}") from None
+
+
+def _wire(cfg: TrainConfig, w: Wiring) -> TrainConfig:
+    root, _, name = w.output.rstrip("/").rpartition("/") if w.output else ("", "", "")
+    data = dataclasses.replace(cfg.data, manifest=w.input or cfg.data.manifest, s3=w.s3)
+    return dataclasses.replace(cfg, data=data, s3=w.s3, ray=w.ray, storage_path=root or cfg.storage_path,
+                               run_name=name or cfg.run_name)
+
+
+STAGE = Stage(
+    name="train", section=TrainConfig, default=TrainConfig,
+    doc="contrastive pretraining on Ray Train + DeepSpeed ZeRO; commits the export",
+    upstream="shard", wired=("data.manifest", "data.s3", "storage_path", "run_name", "s3", "ray"), wire=_wire,
+    fingerprint=fingerprint_of, run=run, validate=_validate)
+
+
 def main(argv: list[str] | None = None) -> int:
     def body(cfg: TrainConfig, _: Any) -> None:
         log.info("resolved config: %s", json.dumps(to_dict(cfg), sort_keys=True))
-        s = run_training(cfg)
+        s = run(cfg).extra["summary"]
         loss = f", loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}" if s.get("final_loss") is not None else ""
         print(f"train: {s.get('steps')} steps{loss}, {s.get('driver_wall_s', 0):.0f} s; export {s.get('export')} "
               f"(summary.json and metrics.jsonl beside it)", flush=True)
 
     return run_command("train", TrainConfig, argv, body, doc=__doc__, log_root=lambda c: c.storage_path)
-
-if __name__ == "__main__":
-    main()

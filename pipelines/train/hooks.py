@@ -1,0 +1,20 @@
+"""Test-only injection points into the training loop. The product never sets them: the DAG and the CLI
+call run(cfg) without hooks; tests pass a TrainHooks to run()/run_training() to make a worker die once at
+a given step or to dump the full fp32 state after every save and load."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TrainHooks:
+    #: Rank 1 exits hard before this step, once: the file `fail_marker` records that it did.
+    fail_at_step: int | None = None
+    fail_marker: str = ""
+    #: Rank 0 writes full fp32 weights and Adam moments here after every save and load.
+    debug_dump_dir: str = ""
+
+    def __post_init__(self) -> None:
+        if self.fail_at_step is not None and not self.fail_marker:
+            raise ValueError("fail_at_step needs fail_marker (a file that makes the failure happen only once)")
