@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+ACTIVATIONS = ("quick_gelu", "gelu")
+
+
 @dataclass
 class VisionConfig:
     image_size: int = 224
@@ -76,8 +79,10 @@ class ClipConfig:
     embed_dim: int = 512
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    # OpenAI's weights were trained with QuickGELU (x * sigmoid(1.702 x)); nn.GELU otherwise.
-    quick_gelu: bool = True
+    # The MLP activation: "quick_gelu" (x * sigmoid(1.702 x)), as OpenAI's weights were trained, or "gelu"
+    # (nn.GELU), as most LAION/DataComp open_clip models were. Loading weights with the other one runs without
+    # error and gives wrong embeddings, so every export states it.
+    activation: str = "quick_gelu"
     # Initial temperature 0.07 as in the paper; logit_scale stores log(1 / T).
     init_logit_scale: float = 2.659260036932778  # ln(1 / 0.07)
     # SigLIP models carry a learnable bias; None for the softmax (paper) loss.
@@ -92,6 +97,12 @@ class ClipConfig:
             self.text = TextConfig(**self.text)
         if self.embed_dim < 1:
             raise ValueError(f"embed_dim must be positive, got {self.embed_dim}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {self.activation!r}")
+
+    @property
+    def quick_gelu(self) -> bool:
+        return self.activation == "quick_gelu"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -101,6 +112,9 @@ class ClipConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ClipConfig":
+        if "quick_gelu" in d:  # exports written before `activation` recorded it as a bool
+            d = {**{k: v for k, v in d.items() if k != "quick_gelu"},
+                 "activation": "quick_gelu" if d["quick_gelu"] else "gelu"}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -163,7 +177,7 @@ def model_names() -> list[str]:
 
 
 def get_config(name: str, **overrides: Any) -> ClipConfig:
-    """The named architecture; keyword overrides replace top-level fields (e.g. quick_gelu=False)."""
+    """The named architecture; keyword overrides replace top-level fields (e.g. activation="gelu")."""
     if name in _TABLE:
         cfg = _cfg(*_TABLE[name])
     elif name in _TINY:

@@ -1,23 +1,32 @@
 """The exported-model format: one directory with the fp32 state dict in OpenAI's key layout
-(`model.pt`), the architecture (`config.json`) and the tokenizer (`tokenizer.json`).
+(`model.pt`), the architecture and activation (`config.json`) and the tokenizer (`tokenizer.json`, our
+ClipTokenizer's own format; `save_hf` writes Hugging Face's files).
 
-`pipelines.train` writes it, `pipelines.evaluate` and the CLIP-score filter read it, and a user can
-load `model.pt` alone with `from_openai_state_dict` (the architecture is inferred from shapes).
+`pipelines.train` writes it; `pipelines.evaluate` and the CLIP-score filter read it, or any other
+checkpoint `clip_model.formats.load_checkpoint` knows (OpenAI's TorchScript, open_clip, Hugging Face).
+A user can load `model.pt` alone with `from_openai_state_dict` (the architecture is inferred from shapes).
+
+    python -m clip_model.export SRC DEST [--to export|hf] [--activation quick_gelu|gelu]
+
+converts any checkpoint `load_checkpoint` reads into our export or a Hugging Face CLIPModel directory.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 import torch
 
-from .config import ClipConfig
-from .model import CLIP, from_openai_state_dict
+from .formats import EXPORT_CONFIG_FILE as CONFIG_FILE
+from .formats import EXPORT_MODEL_FILE as MODEL_FILE
+from .formats import EXPORT_TOKENIZER_FILE as TOKENIZER_FILE
+from .formats import load_checkpoint
+from .hf import save_hf
+from .model import CLIP
 
-MODEL_FILE = "model.pt"
-CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
+__all__ = ["CONFIG_FILE", "MODEL_FILE", "TOKENIZER_FILE", "load_export", "main", "save_export", "save_hf"]
 
 
 def save_export(model: CLIP, directory: str, tokenizer=None, state_dict: dict | None = None) -> None:
@@ -32,29 +41,36 @@ def save_export(model: CLIP, directory: str, tokenizer=None, state_dict: dict | 
         tokenizer.save(os.path.join(directory, TOKENIZER_FILE))
 
 
-def load_export(path: str, map_location: str = "cpu"):
-    """A directory written by save_export, or a bare OpenAI-layout state dict file.
+def load_export(path: str, map_location: str = "cpu", activation: str | None = None):
+    """Our export directory, or any checkpoint clip_model.formats.load_checkpoint reads (`activation` where the
+    format does not record it). Returns (model in eval mode on CPU, tokenizer)."""
+    del map_location  # kept for callers; checkpoints load on CPU (the caller moves the model)
+    loaded = load_checkpoint(path, activation)
+    return loaded.model, loaded.tokenizer
 
-    Returns (model in eval mode, tokenizer). Without a tokenizer file, OpenAI's BPE is used.
-    """
-    from .tokenizer import ClipTokenizer
 
-    if os.path.isdir(path):
-        model_path = os.path.join(path, MODEL_FILE)
-        if not os.path.exists(model_path):
-            raise FileNotFoundError(f"exported model directory {path} has no {MODEL_FILE}")
-        cfg_path = os.path.join(path, CONFIG_FILE)
-        config = None
-        if os.path.exists(cfg_path):
-            with open(cfg_path) as f:
-                config = ClipConfig.from_dict(json.load(f))
-        tok_path = os.path.join(path, TOKENIZER_FILE)
-        tokenizer = ClipTokenizer.load(tok_path) if os.path.exists(tok_path) else ClipTokenizer.from_openai_bpe()
-    else:
-        model_path, config, tokenizer = path, None, ClipTokenizer.from_openai_bpe()
-    sd = torch.load(model_path, map_location=map_location, weights_only=True)
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-    model = from_openai_state_dict(sd, config=config).eval()
-    return model, tokenizer
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m clip_model.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="a checkpoint: our export, OpenAI .pt, open_clip file or dir, HF CLIPModel dir")
+    parser.add_argument("dest", help="the directory to write")
+    parser.add_argument("--to", choices=("export", "hf"), default="hf", help="our export or a HF CLIPModel dir")
+    parser.add_argument("--activation", choices=("quick_gelu", "gelu"), default=None,
+                        help="required when SRC does not record it (bare state dicts, open_clip epoch_N.pt)")
+    args = parser.parse_args(argv)
+    try:
+        loaded = load_checkpoint(args.src, args.activation)
+        if args.to == "hf":
+            save_hf(loaded.model, args.dest, loaded.tokenizer)
+        else:
+            save_export(loaded.model, args.dest, loaded.tokenizer)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.src} ({loaded.origin}, activation {loaded.activation}) -> {args.dest} ({args.to})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

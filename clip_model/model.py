@@ -132,7 +132,7 @@ def config_from_openai_state_dict(sd: Mapping[str, torch.Tensor], quick_gelu: bo
     )
     bias = float(sd["logit_bias"]) if "logit_bias" in sd else None
     return ClipConfig(embed_dim=sd["text_projection"].shape[1], vision=vision, text=text,
-                      quick_gelu=quick_gelu, init_logit_bias=bias)
+                      activation="quick_gelu" if quick_gelu else "gelu", init_logit_bias=bias)
 
 
 def from_openai_state_dict(state_dict: Mapping[str, torch.Tensor], quick_gelu: bool = True,

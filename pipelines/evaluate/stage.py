@@ -40,7 +40,8 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from clip_model.export import MODEL_FILE, load_export
+from clip_model.export import load_export
+from clip_model.formats import weight_files
 from clip_model.transforms import EvalTransform
 from clip_model.zeroshot import build_classifier, classification_metrics, load_templates, retrieval_metrics
 
@@ -60,11 +61,15 @@ RESULTS_FILE = "results.json"
 
 @dataclass
 class EvalConfig:
-    # Exported model directory (model.pt + config.json + tokenizer.json), or a bare OpenAI-layout
-    # state-dict file; local or s3://.
+    # Exported model directory (model.pt + config.json + tokenizer.json), OpenAI's TorchScript .pt, an open_clip
+    # checkpoint (epoch_N.pt, open_clip_pytorch_model.bin, .safetensors, a hub directory) or a Hugging Face
+    # CLIPModel directory; local or s3:// (see clip_model/formats.py).
     checkpoint: str
     # imagefolder:DIR (one subfolder per class) or parquet:PATH (image bytes + label, or + caption).
     dataset: str
+    # quick_gelu or gelu: required for checkpoints that do not record it (open_clip files without their config,
+    # bare state dicts); where the checkpoint records it, a different value is an error. None = as recorded.
+    activation: str | None = None
     # Directory (local or s3://) for results.json, the PNG plots and the _manifest.json that commits them.
     output: str
     # zeroshot, linear-probe or retrieval (see the module docstring for what each needs).
@@ -101,6 +106,8 @@ class EvalConfig:
         for name in ("checkpoint", "dataset", "output"):
             if not getattr(self, name):
                 raise ValueError(f"evaluate {name} must be given")
+        if self.activation not in (None, "quick_gelu", "gelu"):
+            raise ValueError(f"evaluate activation must be quick_gelu, gelu or null, got {self.activation!r}")
         if self.task not in TASKS:
             raise ValueError(f"evaluate task must be one of {list(TASKS)}, got {self.task!r}")
         if not 0 <= self.overlap_hamming <= 32:
@@ -142,9 +149,10 @@ class ImageEmbedder:
     it also adds the 64-bit phash (as dedup computes it) for the overlap analysis.
     """
 
-    def __init__(self, checkpoint: str, s3: S3Options | None, with_phash: bool, threads: int = 1) -> None:
+    def __init__(self, checkpoint: str, s3: S3Options | None, with_phash: bool, threads: int = 1,
+                 activation: str | None = None) -> None:
         torch.set_num_threads(threads)  # actors share the node's cores; torch would take them all
-        self.model, _ = load_export(local_checkpoint(checkpoint, s3))
+        self.model, _ = load_export(local_checkpoint(checkpoint, s3), activation=activation)
         self.transform = EvalTransform(self.model.image_size)
         self.with_phash = with_phash
 
@@ -187,7 +195,8 @@ def embed(ds: Any, cfg: EvalConfig, with_phash: bool) -> Embedded:
 
     out = ds.map_batches(ImageEmbedder, batch_size=cfg.batch_size, batch_format="numpy",
                          compute=ActorPoolStrategy(min_size=1, max_size=_workers(cfg)), num_cpus=1,
-                         fn_constructor_kwargs={"checkpoint": cfg.checkpoint, "s3": cfg.s3, "with_phash": with_phash}, **data_args())
+                         fn_constructor_kwargs={"checkpoint": cfg.checkpoint, "s3": cfg.s3, "with_phash": with_phash,
+                                                "activation": cfg.activation}, **data_args())
     batches = list(out.iter_batches(batch_format="numpy", batch_size=None))
     if not batches:
         raise ValueError(f"eval set {cfg.dataset}: no images")
@@ -373,7 +382,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     started, timings = time.time(), {}
     # Fail on bad input before any Ray work starts.
     checkpoint = local_checkpoint(cfg.checkpoint, cfg.s3)
-    model, tokenizer = load_export(checkpoint)
+    model, tokenizer = load_export(checkpoint, activation=cfg.activation)
     templates = load_templates(cfg.templates) if cfg.task == "zeroshot" else []
     classnames = load_classnames(cfg.classnames) if cfg.classnames else None
     train = read_committed(cfg.train_manifest, cfg.s3, "train_manifest", column="phash") if cfg.train_manifest else None
@@ -412,8 +421,8 @@ def fingerprint_of(cfg: EvalConfig, checkpoint: str, train: Manifest | None) -> 
         path = getattr(cfg, key)
         if path and os.path.isfile(path):
             conf[f"{key}_sha256"] = _sha256_file(path)
-    weights = os.path.join(checkpoint, MODEL_FILE) if os.path.isdir(checkpoint) else checkpoint
-    conf["weights_sha256"] = _sha256_file(weights)
+    hashes = [_sha256_file(f) for f in weight_files(checkpoint)]
+    conf["weights_sha256"] = hashes[0] if len(hashes) == 1 else hashes
     return fingerprint("evaluate", conf, [train] if train is not None else [])
 
 
