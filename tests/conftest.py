@@ -35,3 +35,43 @@ def s3_storage(s3_server: LocalS3, request: pytest.FixtureRequest) -> Storage:
     """A fresh, empty prefix in the session bucket, so tests never see each other's objects."""
     name = re.sub(r"[^a-zA-Z0-9_-]+", "-", request.node.name)[:60]
     return Storage.from_uri(s3_server.uri(f"{name}-{uuid.uuid4().hex[:8]}"), s3_server.s3_options())
+
+
+def restart_shared_ray() -> None:
+    """Bring back the session's shared Ray after a test replaced it with a cluster of its own."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    _start_ray()
+
+
+def _start_ray() -> None:
+    import ray
+
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}},
+             _system_config={"enable_metrics_collection": False})
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server: LocalS3) -> Iterator[None]:
+    """One local Ray (6 logical CPUs) for the whole session, shared by every test that asks for it; started
+    after the S3 server, so its workers inherit the S3 credentials. Stage code finds it running and reuses
+    it. A test that needs a cluster of its own (tests/test_cluster_configs.py) calls `restart_shared_ray`
+    when it is done."""
+    import ray
+
+    if not ray.is_initialized():
+        _start_ray()
+    yield
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()

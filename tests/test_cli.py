@@ -229,6 +229,52 @@ def test_missing_inputs_are_one_line_naming_them(tmp_path, nothing_starts, capsy
     assert not out.exists()  # Ray never started: no log file either
 
 
+def _tiny_jpeg() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_the_dag_checks_every_stage_before_any_starts(tmp_path, nothing_starts, capsys) -> None:
+    """A mistake in the last stage is one line naming it, before the first stage (or Ray) starts."""
+    urls = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a"], "query": ["a"]}), urls)
+    names = tmp_path / "names.txt"
+    names.write_text("a\nb\n")
+    for label in "ab":
+        (tmp_path / "set" / label).mkdir(parents=True)
+        (tmp_path / "set" / label / "0.jpg").write_bytes(_tiny_jpeg())
+    root = tmp_path / "root"
+    base = ["--config", str(REPO / "configs/run_tiny.yaml"), f"crawl.input.paths=[{urls}]", f"root={root}"]
+    job = "evaluate=[{{name: e, dataset: 'imagefolder:{d}', templates: {t}, classnames: {c}}}]"
+    cases = [
+        (["train.model=vit-b/33"], "train.model"),
+        ([job.format(d=tmp_path / "no_set", t="simple", c=names)], f"{tmp_path}/no_set"),
+        ([job.format(d=tmp_path / "set", t=tmp_path / "prompts.txt", c=names)], "templates"),
+        ([job.format(d=tmp_path / "set", t="simple", c=tmp_path / "classes.txt")], f"{tmp_path}/classes.txt"),
+    ]
+    for extra, expected in cases:
+        assert _main("run")([*base, *extra]) == 2, extra
+        assert expected in _one_error_line(capsys.readouterr().err, "run"), extra
+    assert not root.exists()
+
+
+def test_the_dag_checks_storage_credentials_before_any_stage(s3_server, tmp_path, nothing_starts, capsys,
+                                                             monkeypatch) -> None:
+    urls = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a"], "query": ["a"]}), urls)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    argv = ["--config", str(REPO / "configs/run_tiny.yaml"), f"crawl.input.paths=[{urls}]",
+            f"root={s3_server.uri('validate-run')}", f"s3.endpoint_url={s3_server.endpoint_url}"]
+    assert _main("run")(argv) == 2
+    line = _one_error_line(capsys.readouterr().err, "run")
+    assert "validate-run" in line or s3_server.bucket in line, line
+
+
 def test_debug_shows_the_traceback(tmp_path, nothing_starts, capsys) -> None:
     argv = [f"input.paths=[{tmp_path}/nope.parquet]", f"output.path={tmp_path}/out", "--debug"]
     assert _main("crawl")(argv) == 2

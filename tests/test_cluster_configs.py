@@ -30,6 +30,8 @@ import ray.runtime_env
 import ray.util.scheduling_strategies
 import yaml
 
+from tests.conftest import restart_shared_ray
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 
@@ -464,7 +466,8 @@ def _wait(cond, what: str, timeout: float = DEADLINE_S):
 
 @pytest.fixture
 def autoscaling_cluster(monkeypatch):
-    if ray.is_initialized():
+    shared = ray.is_initialized()  # the session's shared Ray (tests/conftest.py): brought back afterwards
+    if shared:
         ray.shutdown()
     monkeypatch.setenv("RAY_FAKE_CLUSTER", "1")  # required by the fake provider in the autoscaler
     monkeypatch.setenv("AUTOSCALER_UPDATE_INTERVAL_S", "1")
@@ -480,6 +483,9 @@ def autoscaling_cluster(monkeypatch):
     finally:
         ray.shutdown()
         cluster.shutdown()
+        if shared:
+            monkeypatch.undo()  # the fake-cluster settings must not reach the shared Ray's workers
+            restart_shared_ray()
 
 
 @pytest.mark.slow

@@ -18,6 +18,9 @@ from pipelines.core.schema import SAMPLE_SCHEMA
 from pipelines.core.storage import Storage
 from pipelines.demo.synthetic import shape_samples
 
+# One shared local Ray for the session (tests/conftest.py), started after the S3 server.
+pytestmark = pytest.mark.usefixtures("ray_session")
+
 N_IMAGES = 240
 
 
@@ -216,7 +219,7 @@ class _FlakyWeb:
         self.hits = hits
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
         self.base = f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def close(self) -> None:

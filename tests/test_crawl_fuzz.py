@@ -39,6 +39,9 @@ from pipelines.core.storage import Storage
 
 from .hostile_web import LIST_FORMATS, HostileWeb, count_rows, hostile_lists
 
+# One shared local Ray for the session (tests/conftest.py), started after the S3 server.
+pytestmark = pytest.mark.usefixtures("ray_session")
+
 SEED = 20240611
 # One server per robots.txt variant (tests/hostile_web.py ROBOTS_VARIANTS); server i is seeded SEED + i.
 ROBOTS = ("valid", "bom", "garbage", "hang", "redirect", "404", "empty", "binary", "unicode-digits", "500", "huge")

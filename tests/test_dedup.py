@@ -17,6 +17,9 @@ from pipelines.demo.synthetic import digit_samples, encode, shape_samples
 
 from .stage_data import commit_rows, sample_row
 
+# One shared local Ray for the session (tests/conftest.py), started after the S3 server.
+pytestmark = pytest.mark.usefixtures("ray_session")
+
 
 def _bits(a: int, b: int) -> int:
     return bin((a ^ b) & (2 ** 64 - 1)).count("1")
@@ -67,10 +70,17 @@ def dedup_args(src: str, out: str, eval_dir: str) -> list[str]:
             f"eval_sets=[{{name: digits, dataset: 'imagefolder:{eval_dir}'}}]"]
 
 
-def test_dedup_finds_planted_duplicates_and_eval_images(planted) -> None:
-    root, src, rows = planted
+@pytest.fixture(scope="module")
+def clean(planted):
+    """One uninterrupted dedup of the planted set, shared by the tests below."""
+    root, src, _ = planted
     out = str(root / "out")
-    m = run(load_config(DedupStageConfig, None, dedup_args(src, out, str(root / "eval"))))
+    return out, run(load_config(DedupStageConfig, None, dedup_args(src, out, str(root / "eval"))))
+
+
+def test_dedup_finds_planted_duplicates_and_eval_images(planted, clean) -> None:
+    root, src, rows = planted
+    out, m = clean
     assert m.rows_in == len(rows) == 148
     assert m.rejected.get("exact_dup_image", 0) == 10
     assert 9 <= m.rejected.get("near_dup_image", 0) <= 10  # recall on resized copies, no extra merges
@@ -100,12 +110,11 @@ def test_dedup_finds_planted_duplicates_and_eval_images(planted) -> None:
         assert kept_row["url"] in kept_urls and kept_row["sha256"] == by_key[r["key"]]["sha256"]
 
 
-def test_dedup_killed_midway_reruns_to_the_same_keys(planted) -> None:
+def test_dedup_killed_midway_reruns_to_the_same_keys(planted, clean) -> None:
     import ray
 
     root, src, rows = planted
-    clean = str(root / "clean")
-    m_clean = run(load_config(DedupStageConfig, None, dedup_args(src, clean, str(root / "eval"))))
+    clean, m_clean = clean
     killed = str(root / "killed")
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.dedup", *dedup_args(src, killed, str(root / "eval")),

@@ -25,17 +25,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[None]:
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+def ray_cluster(ray_session) -> Iterator[None]:
     ctx = ray.data.DataContext.get_current()
     saved = ctx.shuffle_strategy, ctx.enable_progress_bars
     ctx.shuffle_strategy, ctx.enable_progress_bars = "sort_shuffle_pull_based", False
     yield
     ctx.shuffle_strategy, ctx.enable_progress_bars = saved
-    if started:
-        ray.shutdown()
 
 
 def test_config_validation_names_the_field() -> None:

@@ -45,11 +45,8 @@ TEMPLATES = ["a photo of a {}.", "a drawing of a {}.", "an image of the {} shape
 
 
 @pytest.fixture(scope="module")
-def ray_local() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        init_ray(RayConfig(num_cpus=4))
+def ray_local(ray_session) -> None:
+    """The session's shared Ray (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

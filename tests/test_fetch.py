@@ -207,7 +207,7 @@ def _serve(tls: ssl.SSLContext | None = None) -> tuple[ThreadingHTTPServer, Serv
     if tls is not None:
         tls.sni_callback = lambda sslobj, name, ctx: state.sni.append(name)
         server.socket = tls.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     return server, state
 
 
@@ -631,7 +631,7 @@ def ka_server() -> Iterator[tuple[str, int, ServerState, Counter]]:
     handler = type("KA", (KeepAliveHandler,), {"state": state, "connections": connections})
     srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     srv.daemon_threads = True
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     yield "127.0.0.1", srv.server_address[1], state, connections
     srv.shutdown()
     srv.server_close()
@@ -736,7 +736,7 @@ def test_crawl_delay_spaces_one_hosts_requests_and_busy_hosts_are_refused(tmp_pa
     handler = type("D", (DelayHandler,), {"state": state, "connections": Counter()})
     srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     srv.daemon_threads = True
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     port = srv.server_address[1]
     try:
         urls = [f"http://delay.test:{port}/img/{n}" for n in list(IMAGES)[:4]]

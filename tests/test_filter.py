@@ -8,6 +8,9 @@ from pipelines.demo.synthetic import shape_samples
 
 from .stage_data import commit_rows, sample_row
 
+# One shared local Ray for the session (tests/conftest.py), started after the S3 server.
+pytestmark = pytest.mark.usefixtures("ray_session")
+
 
 def test_caption_rules() -> None:
     cfg = FilterConfig(min_caption_chars=5, max_caption_chars=80, min_words=2, max_words=12, languages=["en"])

@@ -8,6 +8,7 @@ with RAY_ADDRESS set, the way a user reruns from a head node.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -20,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -90,11 +92,21 @@ def head(tmp_path_factory):
         _wait_for_job_server(proc, url, env, log.name, temp)
         yield {"dashboard": url, "gcs": f"127.0.0.1:{gcs}", "env": env}
     finally:  # also when start-up failed: never leave a head behind
+        # SIGTERM lets `ray start --block` stop its processes; it takes ~30 s to wait on each of them, and
+        # nothing here needs a graceful stop: whatever is left after 5 s is killed with the whole group.
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        # Ray's services may sit in sessions of their own: every process of this head names its temp dir.
+        for leftover in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                if any(temp in arg for arg in leftover.info["cmdline"] or ()):
+                    leftover.kill()
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
 

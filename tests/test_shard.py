@@ -11,6 +11,9 @@ from pipelines.demo.synthetic import shape_samples
 
 from .stage_data import commit_rows, sample_row
 
+# One shared local Ray for the session (tests/conftest.py), started after the S3 server.
+pytestmark = pytest.mark.usefixtures("ray_session")
+
 
 @pytest.fixture(scope="module")
 def rows():
@@ -61,10 +64,8 @@ def test_shards_on_s3(rows, s3_server) -> None:
     import ray
     import ray.data
 
-    # Workers resolve S3 credentials themselves (nothing secret is pickled into tasks): a Ray started before
-    # the S3 fixture put its keys in the environment would have none, so start one now.
-    if ray.is_initialized():
-        ray.shutdown()
+    # Workers resolve S3 credentials themselves (nothing secret is pickled into tasks): the shared Ray
+    # (ray_session) starts after the S3 fixture put its keys in the environment.
 
     prefix = f"shard-{uuid.uuid4().hex[:6]}"
     src, out = s3_server.uri(f"{prefix}/dedup"), s3_server.uri(f"{prefix}/shards")

@@ -165,7 +165,7 @@ class LocalWebServer:
         self.hits: Counter = Counter()
         self._httpd = self._Server(("127.0.0.1", port), _Handler)
         self._httpd.owner = self
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
     def base_url(self) -> str:
