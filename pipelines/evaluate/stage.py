@@ -67,11 +67,11 @@ class EvalConfig:
     checkpoint: str
     # imagefolder:DIR (one subfolder per class) or parquet:PATH (image bytes + label, or + caption).
     dataset: str
+    # Directory (local or s3://) for results.json, the PNG plots and the _manifest.json that commits them.
+    output: str
     # quick_gelu or gelu: required for checkpoints that do not record it (open_clip files without their config,
     # bare state dicts); where the checkpoint records it, a different value is an error. None = as recorded.
     activation: str | None = None
-    # Directory (local or s3://) for results.json, the PNG plots and the _manifest.json that commits them.
-    output: str
     # zeroshot, linear-probe or retrieval (see the module docstring for what each needs).
     task: str = "zeroshot"
     # Class-name list (JSON list or one name per line); imagefolder default: folder names, "_" -> " ".
