@@ -29,7 +29,8 @@ class FilterConfig:
     # Image rules on the stored (resized) image and the original.
     min_image_side: int = 32
     max_aspect_ratio: float = 3.0
-    # The paper's class balance: "up to 20,000 (image, text) pairs per query". None = no cap.
+    # The paper's class balance: "up to 20,000 (image, text) pairs per query". None = no cap. Rows without a
+    # query (null or "") are exempt, never one bucket; balance such pools with the curate stage instead.
     max_per_query: int | None = 20000
     # CLIP-score filter (DataComp's strongest baseline): a trained checkpoint dir (model.pt + config.json
     # + tokenizer.json, as `pipelines.train` exports). None = off.
@@ -112,6 +113,7 @@ def query_cutoffs(keys_by_query: dict[str, list[str]], cap: int) -> dict[str, st
     return out
 
 
-def over_query_cap(queries: list[str], keys: list[str], cutoffs: dict[str, str]) -> list[bool]:
-    return [q in cutoffs and k > cutoffs[q] for q, k in zip(queries, keys)]
+def over_query_cap(queries: list[str | None], keys: list[str], cutoffs: dict[str, str]) -> list[bool]:
+    """Rows over their query's cut-off. A row without a query (None or "") is never over: it has no bucket."""
+    return [bool(q) and q in cutoffs and k > cutoffs[q] for q, k in zip(queries, keys)]
 

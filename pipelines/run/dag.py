@@ -46,6 +46,7 @@ from pipelines.core.runtime import RayConfig
 from pipelines.core.stage import Stage, Wiring
 from pipelines.core.storage import S3Options, Storage
 from pipelines.crawl.stage import STAGE as CRAWL
+from pipelines.curate.stage import STAGE as CURATE
 from pipelines.dedup.stage import STAGE as DEDUP
 from pipelines.evaluate.jobs import STAGE as EVALUATE
 from pipelines.filter.stage import STAGE as FILTER
@@ -53,7 +54,7 @@ from pipelines.shard.stage import STAGE as SHARD
 from pipelines.train.stage import STAGE as TRAIN
 
 # The DAG, in order. Adding a stage: a package whose stage.py defines its Stage, and one entry here.
-PIPELINE: tuple[Stage, ...] = (CRAWL, FILTER, DEDUP, SHARD, TRAIN, EVALUATE)
+PIPELINE: tuple[Stage, ...] = (CRAWL, FILTER, DEDUP, CURATE, SHARD, TRAIN, EVALUATE)
 BY_NAME = {s.name: s for s in PIPELINE}
 STAGES = tuple(BY_NAME)
 

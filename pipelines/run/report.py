@@ -61,7 +61,7 @@ PLAN_ACTIONS = ("run", "reuse", "skip", "pending")
 # Stages with their own report sections, not part of the data funnel.
 NON_DATA_STAGES = ("train", "evaluate")
 # Stage order of the pipeline; stages outside this list follow in the order given.
-STAGE_ORDER = ("crawl", "filter", "dedup", "shard", "train", "evaluate")
+STAGE_ORDER = ("crawl", "filter", "dedup", "curate", "shard", "train", "evaluate")
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:24px auto;
@@ -307,6 +307,27 @@ def funnel_png(stages: Mapping[str, Any], order: Sequence[str]) -> bytes | None:
     return _fig_png(fig)
 
 
+def entry_counts_png(dist: Mapping[str, Any]) -> bytes | None:
+    """Curate's counts per metadata entry, log-log: entries ranked by their count before balancing, with
+    each entry's count before and after, and t. MetaCLIP's picture: the head flattened at t, the tail kept."""
+    curve = [p for p in dist.get("curve") or [] if isinstance(p, (list, tuple)) and len(p) == 3]
+    if not curve:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ranks = [p[0] for p in curve]
+    ax.loglog(ranks, [max(p[1], 0.8) for p in curve], marker=".", color="#9aa5b8", label="before")
+    ax.loglog(ranks, [max(p[2], 0.8) for p in curve], marker=".", color="#3b7dd8", label="after")
+    if _is_number(dist.get("t")):
+        ax.axhline(float(dist["t"]), color="#c0392b", linestyle="--", linewidth=1, label=f"t = {_num(dist['t'])}")
+    ax.set_xlabel("entry rank (by count before balancing)")
+    ax.set_ylabel("pairs matching the entry")
+    ax.set_title("curate: pairs per metadata entry")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _fig_png(fig)
+
+
 def _stage_table(name: str, m: Mapping[str, Any]) -> str:
     rows_in, rows_out = int(m.get("rows_in", 0)), int(m.get("rows_out", 0))
     rejected = m.get("rejected") or {}
@@ -332,6 +353,12 @@ def _stage_table(name: str, m: Mapping[str, Any]) -> str:
     if timings:
         facts.append("timings " + ", ".join(f"{_e(k)} {float(v):.2f} s" for k, v in timings.items()))
     out.append(f'<div class="meta">{"; ".join(facts)}</div>')
+    dist = (m.get("extra") or {}).get("entry_counts")
+    png = entry_counts_png(dist) if isinstance(dist, Mapping) else None
+    if png is not None:
+        at_cap = dist.get("entries_at_cap", 0)
+        out.append(f'<figure class="plot">{_img(png, "entry counts")}<figcaption>pairs per metadata entry, before '
+                   f'and after balancing ({_e(_num(at_cap))} entries over t)</figcaption></figure>')
     extra = m.get("extra")
     if extra:
         text = json.dumps(extra, indent=2, sort_keys=True, default=str)

@@ -167,7 +167,7 @@ def run(cfg: ShardConfig) -> Manifest:
 
 
 STAGE = Stage(
-    name=NAME, section=ShardConfig, default=ShardConfig, doc="shuffled, sized training shards", upstream="dedup", wired=DATA_STAGE_WIRED,
+    name=NAME, section=ShardConfig, default=ShardConfig, doc="shuffled, sized training shards", upstream="curate", wired=DATA_STAGE_WIRED,
     wire=wire_data_stage, fingerprint=fingerprint_of, run=run, parts=True)
 
 
