@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from pipelines.core.cli import run_command
 from pipelines.core.config import to_dict
 from pipelines.core.manifest import Manifest, fingerprint, read_committed
-from pipelines.core.parts import OutputConfig, PartResult, PartStore, already_committed, finish_stage, run_file_parts
+from pipelines.core.parts import OutputConfig, PartResult, PartStore, already_committed, collect_parts, finish_stage
 from pipelines.core.runtime import RayConfig, data_args, init_ray
 from pipelines.core.schema import rejected_table
 from pipelines.core.stage import DATA_STAGE_WIRED, Stage, wire_data_stage
@@ -119,21 +119,28 @@ class MatchFiles:
         return found
 
 
+def apply_balance(batch: dict[str, Any], inp: Storage, store: PartStore, work: str, tables_ref: Any) -> dict[str, list]:
+    """Ray Data task (no state worth an actor: the tables come from the object store, numpy zero-copy)."""
+    balancer = None
+    out = []
+    for idx, path in zip(batch["idx"], batch["path"]):
+        name = os.path.splitext(os.path.basename(str(path)))[0]
+        done = store.done(name)
+        if done is None:
+            balancer = balancer or ApplyBalance(inp, store, work, tables_ref)
+            done = balancer.apply(name, int(idx), str(path))
+        out.append(done.dumps())
+    return {"result": out}
+
+
 class ApplyBalance:
-    """Actor: per input file, keep or reject each row by its matches and the global probabilities."""
+    """Per input file, keep or reject each row by its matches and the global probabilities."""
 
     def __init__(self, inp: Storage, store: PartStore, work: str, tables_ref: Any) -> None:
         import ray
 
         self.inp, self.store, self.work = inp, store, work
         self.entries, self.counts, self.p, self.hashes = ray.get(tables_ref)
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        out = []
-        for idx, path in zip(batch["idx"], batch["path"]):
-            name = os.path.splitext(os.path.basename(str(path)))[0]
-            out.append((self.store.done(name) or self.apply(name, int(idx), str(path))).dumps())
-        return {"result": out}
 
     def apply(self, name: str, idx: int, path: str) -> PartResult:
         table = self.inp.read_parquet(path)
@@ -226,8 +233,10 @@ def run(cfg: CurateConfig) -> Manifest:
     p = keep_probabilities(before, cfg.t)
     tables_ref = ray.put((meta.entries, before, p, entry_hashes(meta.entries, cfg.seed)))
     store = PartStore(out, NAME, fp, cfg.output.row_group_size)
-    parts = run_file_parts(items, ApplyBalance, {"inp": inp, "store": store, "work": work, "tables_ref": tables_ref},
-                           workers)
+    parts = collect_parts(ray.data.from_items(items, override_num_blocks=len(items))
+                          .map_batches(apply_balance, batch_size=1, batch_format="numpy", num_cpus=1,
+                                       fn_kwargs={"inp": inp, "store": store, "work": work, "tables_ref": tables_ref},
+                                       **data_args()), len(items))
     after = _sum_counts(ray.data.read_parquet(**out.ray_read_args([f"{work}/after-{i:05d}.parquet" for i in
                                                                   range(len(files))]), ray_remote_args=data_args()),
                         len(meta.entries))

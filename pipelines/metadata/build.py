@@ -136,6 +136,17 @@ def _count_grams(batch: pa.Table, column: str) -> pa.Table:
     return pa.table({"gram": pa.array(grams, pa.string()), "n": pa.array([counts[g] for g in grams], pa.int64())})
 
 
+_UNIGRAMS, _BIGRAMS = "\x00unigrams", "\x00bigrams"  # total rows (no token holds a NUL)
+
+
+def _unigrams_and_totals(batch: pa.Table, min_count: int) -> pa.Table:
+    grams, ns = batch.column("gram").to_pylist(), batch.column("n").to_pylist()
+    bi = sum(n for g, n in zip(grams, ns) if " " in g)
+    keep = [(g, n) for g, n in zip(grams, ns) if " " not in g and n >= min_count]
+    keep += [(_UNIGRAMS, sum(ns) - bi), (_BIGRAMS, bi)]
+    return pa.table({"gram": pa.array([g for g, _ in keep], pa.string()), "n": pa.array([n for _, n in keep], pa.int64())})
+
+
 def _pmi(batch: pa.Table, unigrams: Any, n_uni: int, n_bi: int, min_count: int, min_pmi: float) -> pa.Table:
     import ray
 
@@ -177,16 +188,14 @@ def pmi_bigrams(cfg: BigramConfig, s3: S3Options | None = None) -> dict[str, dic
     ds = sources[0] if len(sources) == 1 else sources[0].union(*sources[1:])
     counted = (ds.map_batches(_count_grams, batch_format="pyarrow", fn_kwargs={"column": cfg.column}, **data_args())
                .groupby("gram").sum("n").rename_columns({"sum(n)": "n"}).materialize())
-    is_bigram = lambda t: pa.compute.match_substring(t.column("gram"), " ")  # noqa: E731
-    totals = counted.map_batches(lambda t: pa.table({"bi": [pa.compute.sum(t.filter(is_bigram(t)).column("n")).as_py() or 0],
-                                                     "all": [pa.compute.sum(t.column("n")).as_py() or 0]}),
-                                 batch_format="pyarrow").sum(["bi", "all"])
-    n_bi = int(totals["sum(bi)"] or 0)
-    n_uni = int(totals["sum(all)"] or 0) - n_bi
+    # One pass for the PMI denominators: the totals and the words at or above min_count.
+    rows = counted.map_batches(_unigrams_and_totals, batch_format="pyarrow", fn_kwargs={"min_count": cfg.min_count},
+                               **data_args()).take_all()
+    n_bi = sum(r["n"] for r in rows if r["gram"] == _BIGRAMS)
+    n_uni = sum(r["n"] for r in rows if r["gram"] == _UNIGRAMS)
     if not n_bi:
         return {}
-    frequent = counted.filter(lambda row: " " not in row["gram"] and row["n"] >= cfg.min_count).take_all()
-    unigrams = ray.put({r["gram"]: int(r["n"]) for r in frequent})
+    unigrams = ray.put({r["gram"]: int(r["n"]) for r in rows if r["gram"] not in (_BIGRAMS, _UNIGRAMS)})
     best = (counted.map_batches(_pmi, batch_format="pyarrow", fn_kwargs={
                 "unigrams": unigrams, "n_uni": n_uni, "n_bi": n_bi, "min_count": cfg.min_count,
                 "min_pmi": cfg.min_pmi}, **data_args())
