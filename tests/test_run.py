@@ -173,7 +173,9 @@ def test_job_submit_runs_the_whole_dag(submitted, data):
     assert crawl.rows_in == data["rows"] and crawl.rows_out == data["rows"]
     dedup = done["dedup"]["manifest"]
     assert dedup.rejected.get("exact_dup_image") == 4  # the four planted byte copies
-    assert done["shard"]["manifest"].rows_out == dedup.rows_out
+    curate = done["curate"]["manifest"]  # every synthetic caption matches the demo metadata; t keeps them all
+    assert curate.rows_out == dedup.rows_out and curate.extra["entry_counts"]["before"]["entries_matched"] > 0
+    assert done["shard"]["manifest"].rows_out == curate.rows_out
     train = done["train"]["manifest"]
     assert train.extra["summary"]["steps"] == 4 and any(p.startswith("export/") for p, _, _ in done["train"]["files"])
     results = json.loads(Path(submitted["root"], "evaluate", done["evaluate"]["dir"], "digits", "results.json").read_text())
@@ -196,21 +198,21 @@ def test_job_submit_broken_config_fails_with_a_clear_message(head, data, tmp_pat
 def test_plan_reuses_and_reruns_by_fingerprint(submitted, data, head):
     root = submitted["root"]
     cfg = load_run_config("configs/run_tiny.yaml", _args(data, root)[2:])
-    assert [s.action for s in plan(cfg, Selection())] == ["reuse"] * 6
+    assert [s.action for s in plan(cfg, Selection())] == ["reuse"] * 7
     # A shard setting changed: upstream reused, shard runs in a new directory, downstream waits on it.
     changed = load_run_config("configs/run_tiny.yaml", _args(data, root, "shard.seed=7")[2:])
     steps = {s.stage: s for s in plan(changed, Selection())}
-    assert [steps[s].action for s in STAGES] == ["reuse", "reuse", "reuse", "run", "pending", "pending"]
+    assert [steps[s].action for s in STAGES] == ["reuse", "reuse", "reuse", "reuse", "run", "pending", "pending"]
     assert "config or input changed" in steps["shard"].reason
     # --only train cannot run on shards this config has not made.
     with pytest.raises(ValueError, match="shard is needed by a selected stage but is not committed"):
         plan(changed, Selection(only=("train",)))
     # --from dedup recomputes dedup and everything after; --force filter recomputes filter only.
-    assert [s.action for s in plan(cfg, Selection(from_="dedup"))] == ["reuse", "reuse", "run"] + ["pending"] * 3
-    assert [s.action for s in plan(cfg, Selection(force=("filter",)))] == ["reuse", "run"] + ["pending"] * 4
+    assert [s.action for s in plan(cfg, Selection(from_="dedup"))] == ["reuse", "reuse", "run"] + ["pending"] * 4
+    assert [s.action for s in plan(cfg, Selection(force=("filter",)))] == ["reuse", "run"] + ["pending"] * 5
     # --only evaluate: every stage before it must be committed (they locate its input), none runs.
-    assert [s.action for s in plan(cfg, Selection(only=("evaluate",)))] == ["reuse"] * 6
-    assert [s.action for s in plan(cfg, Selection(only=("crawl",)))] == ["reuse"] + ["skip"] * 5
+    assert [s.action for s in plan(cfg, Selection(only=("evaluate",)))] == ["reuse"] * 7
+    assert [s.action for s in plan(cfg, Selection(only=("crawl",)))] == ["reuse"] + ["skip"] * 6
     with pytest.raises(ValueError, match="unknown stage"):
         Selection(only=("sharding",))
     # The CLI prints the same plan and does nothing with --dry-run.
@@ -232,7 +234,7 @@ def test_forced_stage_recomputes_and_identical_output_keeps_downstream(submitted
     # dedup ran again (a new manifest) and committed the same files; so nothing downstream reran.
     assert after["dedup"]["manifest"].created_at >= before["dedup"]["manifest"].created_at
     assert "== dedup: forced" in out
-    for stage in ("shard", "train", "evaluate"):
+    for stage in ("curate", "shard", "train", "evaluate"):
         assert f"== {stage}: reused" in out
     assert {s: d["files"] for s, d in after.items()} == {s: d["files"] for s, d in before.items()}
 
@@ -256,15 +258,15 @@ def test_run_killed_in_training_resumes_to_the_same_committed_outputs(submitted,
     assert "train" not in _committed(root)
     cfg = load_run_config("configs/run_tiny.yaml", _args(data, root)[2:])
     steps = {s.stage: s for s in plan(cfg, Selection())}
-    assert [steps[s].action for s in STAGES] == ["reuse"] * 4 + ["run", "pending"]
+    assert [steps[s].action for s in STAGES] == ["reuse"] * 5 + ["run", "pending"]
     assert "interrupted" in steps["train"].reason
     rerun = _driver(head, _args(data, root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out, _ = rerun.communicate(timeout=1200)
     assert rerun.returncode == 0, out[-5000:]
     after = _committed(root)
     assert set(after) == set(STAGES)
-    assert all(after[s]["dir"] == before[s]["dir"] for s in STAGES[:5])
-    for stage in ("crawl", "filter", "dedup", "shard"):
+    assert all(after[s]["dir"] == before[s]["dir"] for s in STAGES[:6])
+    for stage in ("crawl", "filter", "dedup", "curate", "shard"):
         assert after[stage]["files"] == before[stage]["files"], stage
     assert after["train"]["manifest"].extra["summary"]["steps"] == 4
     for stage in ("train", "evaluate"):
