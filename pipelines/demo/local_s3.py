@@ -9,7 +9,7 @@ anything but loopback.
     with LocalS3("/tmp/s3data", bucket="clip") as s3:
         storage = Storage.from_uri(s3.uri("run1"), s3.s3_options())  # needs s3.env() in os.environ
 
-Run standalone for the demo: `python -m pipelines.local_s3 --dir DIR --bucket clip --port 8333`.
+Run standalone for the demo: `python -m pipelines.demo.local_s3 --dir DIR --bucket clip --port 8333`.
 """
 
 from __future__ import annotations
