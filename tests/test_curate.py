@@ -82,6 +82,8 @@ def test_matches_on_word_boundaries_exactly() -> None:
     assert ids("the\tdog.") == ["dog", "the"]
     assert ids("ＲＥＤ") == ["red"]  # NFKC: full-width letters
     assert ids(None) == [] and ids("") == [] and ids("zzz") == []
+    twins = Matcher(["u. s.", "u.s.", "x", "u.s ."])  # one key, three entries: none is lost
+    assert twins.match("the U.S. flag") == [0, 1, 3]
     spaced_entries = [spaced(e) for e in ENTRIES]
     for r in _corpus(300, seed=5):  # the automaton agrees with MetaCLIP's loop on every caption
         assert m.match(r["caption"]) == naive_match(r["caption"], spaced_entries), r["caption"]

@@ -32,10 +32,24 @@ class Matcher:
 
         # STORE_INTS: values are C ints, not Python objects (a third less memory at 500k entries).
         self.automaton = ahocorasick.Automaton(ahocorasick.STORE_INTS)
+        # Entries that tokenise alike ("u.s." and "u. s.") share one key; pipelines.metadata merges them, a
+        # hand-made list may not: the key's value is then -1 - (index into `shared`), never a lost entry.
+        first: dict[str, int] = {}
+        self.shared: list[list[int]] = []
         for i, entry in enumerate(entries):
             key = spaced(entry)
-            if key.strip():
+            if not key.strip():
+                continue
+            if key not in first:
+                first[key] = i
                 self.automaton.add_word(key, i)
+                continue
+            value = self.automaton.get(key)
+            if value >= 0:
+                self.shared.append([value])
+                value = -len(self.shared)
+                self.automaton.add_word(key, value)
+            self.shared[-1 - value].append(i)
         if len(self.automaton) == 0:
             raise ValueError("metadata has no entry to match")
         self.automaton.make_automaton()
@@ -44,7 +58,10 @@ class Matcher:
         """Ids of the entries found in the caption, sorted, each once."""
         if not caption:
             return []
-        return sorted({i for _, i in self.automaton.iter(spaced(caption))})
+        found = {i for _, i in self.automaton.iter(spaced(caption))}
+        if self.shared and min(found, default=0) < 0:
+            found = {j for i in found for j in (self.shared[-1 - i] if i < 0 else (i,))}
+        return sorted(found)
 
     def match_many(self, captions: Sequence[str | None]) -> list[list[int]]:
         return [self.match(c) for c in captions]
