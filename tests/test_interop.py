@@ -20,6 +20,7 @@ from clip_model.export import load_export, main as export_main, save_export
 from clip_model.formats import load_checkpoint, openai_tokenizer, weight_files
 from clip_model.hf import save_hf
 
+from .readme import readme_block, readme_commands
 from .reference import openai_model
 
 CTX = 32  # tiny-vit's context length
@@ -171,6 +172,9 @@ def test_hf_export_equals_transformers(tmp_path, activation: str) -> None:
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     pixels = CLIPProcessor.from_pretrained(str(tmp_path / "hf"))(images=picture, return_tensors="pt").pixel_values
     assert torch.allclose(pixels[0], EvalTransform(32)(picture), atol=1e-5)
+    ns = {"image": picture}  # the README's transformers snippet, as written (the directory aside)
+    exec(readme_block("transformers").replace('"out/hf"', repr(str(tmp_path / "hf"))), ns)
+    assert ns["outputs"].logits_per_image.shape == (1, 1)
     back = load_checkpoint(str(tmp_path / "hf"))
     assert (back.origin, back.activation) == ("hf", activation)
     assert _max_diff(back.model, model) == 0.0
@@ -191,3 +195,34 @@ def test_convert_command(tmp_path, gelu_ref, capsys) -> None:
     assert export_main([str(tmp_path / "rn"), str(tmp_path / "rn_hf")]) == 2
     assert "only a ViT image tower" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "rn_hf")
+
+
+def test_readme_weights_commands(tmp_path, gelu_ref, monkeypatch) -> None:
+    """The README's weight commands on files of those names: evaluate's checkpoint + activation keys load the
+    open_clip checkpoint through evaluate's own loader, and the two conversions run as written."""
+    from pipelines.core.config import load_config
+    from pipelines.evaluate.stage import EvalConfig, ImageEmbedder, fingerprint_of
+
+    monkeypatch.chdir(tmp_path)  # the README's relative paths, made here
+    threads = torch.get_num_threads()  # ImageEmbedder sets its actor's thread count; give it back after
+    (tmp_path / "logs" / "run" / "checkpoints").mkdir(parents=True)
+    epoch = {"epoch": 32, "name": "run", "state_dict": {f"module.{k}": v for k, v in gelu_ref.state_dict().items()}}
+    for path in ("logs/run/checkpoints/epoch_32.pt", "epoch_32.pt"):
+        torch.save(epoch, path)
+    evaluate, to_hf, to_ours = readme_commands("weights", {})
+    assert evaluate[:3] == ["python", "-m", "pipelines.evaluate"]
+    cfg = load_config(EvalConfig, None, evaluate[3:])
+    embedder = ImageEmbedder(cfg.checkpoint, cfg.s3, with_phash=False, activation=cfg.activation)
+    assert embedder.model.config.activation == "gelu" and _max_diff(embedder.model, gelu_ref) < 1e-5
+    assert len(fingerprint_of(cfg, cfg.checkpoint, None)) == 64
+    with pytest.raises(ValueError, match="does not say which activation"):
+        ImageEmbedder(cfg.checkpoint, cfg.s3, with_phash=False)
+    ref = _reference("quick_gelu")  # ViT-B-32.pt: an OpenAI TorchScript archive
+    torch.jit.trace(ref, _inputs()).save("ViT-B-32.pt")
+    for argv in (to_hf, to_ours):
+        assert argv[:3] == ["python", "-m", "clip_model.export"]
+        assert export_main(argv[3:]) == 0
+    assert _max_diff(load_checkpoint("out/hf").model, ref) < 1e-5
+    ours = load_checkpoint("out/ours")
+    assert (ours.origin, ours.activation) == ("export", "gelu") and _max_diff(ours.model, gelu_ref) < 1e-5
+    torch.set_num_threads(threads)

@@ -6,12 +6,22 @@ Shuffling is a Ray Data sort on a seeded hash of each key, with fixed, evenly sp
 boundaries: the same input and seed give the same shards, row for row, however Ray lays out
 blocks. Shards are named by their partition (`shard-<fingerprint>-00007-0.parquet`) and only the files this
 run wrote, read back for their row counts, are committed by the manifest.
+
+With `webdataset_samples_per_tar` set, the same rows, in the same order, are also written as WebDataset tars
+for open_clip and other WebDataset readers: `wds/shard-<fingerprint>-<parquet shard>-<tar>.tar`, each sample
+`<key>.jpg` (or .png/.webp: the image's own format, bytes unchanged), `<key>.txt` (the caption) and
+`<key>.json` (the other columns). Every tar entry has a fixed mtime and owner, so a rerun writes the same
+bytes. The manifest lists them under extra.webdataset (its `files` stay the Parquet shards that
+Parquet readers take).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import math
+import tarfile
 import time
 from dataclasses import dataclass, field
 
@@ -48,6 +58,9 @@ class ShardConfig:
     # false: input order (file by file; within a file the committed key order).
     shuffle: bool = True
     seed: int = 0
+    # Also write WebDataset tars of this many samples (~1000 is customary), in the Parquet shards' order.
+    # null = Parquet only.
+    webdataset_samples_per_tar: int | None = None
 
     def __post_init__(self) -> None:
         if not self.input:
@@ -56,6 +69,9 @@ class ShardConfig:
             raise ValueError("shard.rows_per_shard and shard.row_group_size must be >= 1")
         if self.bytes_per_shard is not None and self.bytes_per_shard < 1:
             raise ValueError(f"shard.bytes_per_shard must be >= 1 or null, got {self.bytes_per_shard}")
+        if self.webdataset_samples_per_tar is not None and self.webdataset_samples_per_tar < 1:
+            raise ValueError(f"shard.webdataset_samples_per_tar must be >= 1 or null, "
+                             f"got {self.webdataset_samples_per_tar}")
 
 
 def _order_keys(batch: pa.Table, seed: int) -> pa.Table:
@@ -93,6 +109,8 @@ def _names(fp: str):
 def _prepare(cfg: ShardConfig) -> tuple[Storage, Manifest, str]:
     inp, in_manifest = read_committed(cfg.input, cfg.input_s3, "shard.input (the dedup's output)", producer="dedup")
     conf = {k: v for k, v in to_dict(cfg).items() if k not in ("input", "input_s3", "output", "ray")}
+    if conf.get("webdataset_samples_per_tar") is None:
+        conf.pop("webdataset_samples_per_tar", None)  # Parquet-only runs keep the fingerprints they had
     return inp, in_manifest, fingerprint(NAME, conf, [in_manifest])
 
 
@@ -162,8 +180,78 @@ def run(cfg: ShardConfig) -> Manifest:
     print(f"shard: {len(files)} shards, rows per shard min {sizes.min()} / median {int(np.median(sizes))} / "
           f"max {sizes.max()} (target {per_shard})", flush=True)
     schema = pq.read_schema(out.open_input(files[0]["path"]))
-    return finish_stage(out, NAME, fp, [part], schema, to_dict(cfg), started, [cfg.input],
-                        extra={"rows_per_shard_target": per_shard, "num_shards": len(files)})
+    extra: dict = {"rows_per_shard_target": per_shard, "num_shards": len(files)}
+    if cfg.webdataset_samples_per_tar:
+        extra["webdataset"] = write_webdataset(out, files, fp, cfg.webdataset_samples_per_tar)
+    return finish_stage(out, NAME, fp, [part], schema, to_dict(cfg), started, [cfg.input], extra=extra)
+
+
+# ------------------------------------------------------------------------------------------- WebDataset
+
+WDS_DIR = "wds"
+_IMAGE_EXT = ((b"\x89PNG", "png"), (b"RIFF", "webp"), (b"GIF8", "gif"), (b"BM", "bmp"))
+
+
+def _image_ext(data: bytes) -> str:
+    """The extension WebDataset decoders key on: the image's own format (the crawl stores JPEG by default)."""
+    for magic, ext in _IMAGE_EXT:
+        if data.startswith(magic) and (ext != "webp" or data[8:12] == b"WEBP"):
+            return ext
+    return "jpg"
+
+
+def _tar_entry(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444  # fixed: the same rows give the same bytes
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_tars(out: Storage, shard_path: str, prefix: str, per_tar: int) -> list[dict]:
+    """One Parquet shard -> tars of `per_tar` samples, in its row order; their manifest entries."""
+    entries: list[dict] = []
+    tar = stream = None
+    path, count = "", 0
+
+    def close() -> None:
+        tar.close()
+        stream.close()
+        entries.append({"path": path, "rows": count, "bytes": out.size(path)})
+
+    with out.open_input(shard_path) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=256):
+            for row in batch.to_pylist():
+                if tar is None or count == per_tar:
+                    if tar is not None:
+                        close()
+                    path, count = f"{prefix}-{len(entries):03d}.tar", 0
+                    stream = out.open_output(path)
+                    tar = tarfile.open(fileobj=stream, mode="w|", format=tarfile.USTAR_FORMAT)
+                key, image, caption = row.pop("key"), row.pop("image"), row.pop("caption")
+                _tar_entry(tar, f"{key}.{_image_ext(image)}", image)
+                _tar_entry(tar, f"{key}.txt", caption.encode("utf-8"))
+                _tar_entry(tar, f"{key}.json", json.dumps({"key": key, **row}, sort_keys=True).encode())
+                count += 1
+    if tar is not None:
+        close()
+    return entries
+
+
+def write_webdataset(out: Storage, files: list[dict], fp: str, per_tar: int) -> dict:
+    """The committed Parquet shards, again as WebDataset tars (one Ray task per shard). Tars of an earlier
+    run under wds/ are removed first, so the directory holds exactly what the manifest lists."""
+    import ray
+
+    from pipelines.core.runtime import data_args
+
+    out.delete_prefix(WDS_DIR)
+    task = ray.remote(num_cpus=1, **data_args())(_write_tars)
+    refs = [task.remote(out, f["path"], f"{WDS_DIR}/shard-{fp[:8]}-{i:05d}", per_tar) for i, f in enumerate(files)]
+    tars = [entry for entries in ray.get(refs) for entry in entries]
+    rows, expected = sum(t["rows"] for t in tars), sum(f["rows"] for f in files)
+    if rows != expected:
+        raise RuntimeError(f"shard: the WebDataset tars hold {rows} samples, the Parquet shards {expected}")
+    print(f"shard: {len(tars)} WebDataset tars of up to {per_tar} samples under {out.uri(WDS_DIR)}", flush=True)
+    return {"files": tars, "samples_per_tar": per_tar, "members": ["<key>.jpg|png|webp", "<key>.txt", "<key>.json"]}
 
 
 STAGE = Stage(
