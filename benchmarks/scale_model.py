@@ -1,0 +1,150 @@
+"""The capacity model of docs/SCALING.md, computed from the measurements, published figures and assumptions below.
+
+    .venv/bin/python -m benchmarks.scale_model [--costs benchmarks/out/scale_costs.json]
+                                               [--sim benchmarks/out/scale_sim.json] [--out benchmarks/out]
+
+Writes benchmarks/out/scale_model.{json,md}. Every input is one of three kinds, and the output says which:
+MEASURED (a file and field here), PUBLISHED (a cited figure) or ASSUMED (a stated guess to replace with a
+pilot run's number).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from typing import Any
+
+# PUBLISHED
+PAIRS = 400e6            # WIT (Radford et al. 2021, sec. 2.2)
+EPOCHS = 32              # the paper's schedule (sec. 2.5)
+GLOBAL_BATCH = 32_768    # the paper's batch (sec. 2.5)
+POOL = 1.6e9             # MetaCLIP curated 400M from 1.6B pairs (issue 17)
+A100_SAMPLES_S = {"ViT-B/16": (340, 390), "ViT-L/14": (70, 77)}  # open_clip, 224 px (issue 17)
+PARAMS = {"ViT-B/16": 149_620_737, "ViT-L/14": 427_616_513}     # MEASURED: clip_model build_model, counted
+S3_PREFIX_PUT_S, S3_PREFIX_GET_S = 3_500, 5_500  # S3 request rate per partitioned prefix (AWS S3 docs)
+# MEASURED elsewhere in this repo: crawl CPU per photo-like JPEG (300-700 px -> 224 px) end to end, 2 cores at
+# 337 img/s (README "Crawling", benchmarks/bench_crawl.py) = 2 / 337 core-seconds.
+CRAWL_CORE_S_PHOTO = 2 / 337.4
+
+# ASSUMED
+CRAWL_SUCCESS = 0.70     # URLs that yield a decodable, allowed image
+WEB_IMAGE_FACTOR = 2.0   # decode cost of an average web photo vs the benchmark's 300-700 px photos
+ROW_BYTES = 25_000       # one row at 256 px (keep_ratio JPEG ~20 KB + caption, hashes, metadata)
+NODE_VCPU, NODE_EFF = 32, 0.75  # m6i/c6i.8xlarge; share of vCPU-seconds doing stage work (stragglers, start-up)
+DATA_NODES = 32          # cluster/aws.yaml: cpu_data 24 + cpu_data_c6i 8
+CKPT_WRITE_GBPS_PER_NODE = 1.0  # GB/s one 8-GPU node sustains to S3 (multipart, many connections)
+GPU_NODES_OPTIONS = (8, 16, 32)  # 8-GPU nodes
+ROWS_PER_PART, ROWS_PER_SHARD, ROW_GROUP = 5_000, 10_000, 256  # configs/cluster.yaml
+
+
+def _marginal(costs: dict[str, Any], stage: str, metric: str) -> float:
+    s = costs["summary"].get(stage)
+    if not s:
+        return float("nan")
+    e = s[metric]
+    return e.get("marginal_per_1k", e["per_1k"][-1]) / 1000.0  # per row
+
+
+def model(costs: dict[str, Any], sim: dict[str, Any] | None) -> dict[str, Any]:
+    attempted = POOL / CRAWL_SUCCESS
+    rows_in = {"crawl": attempted, "filter": POOL, "dedup": POOL, "curate": POOL, "shard": PAIRS}
+    stages = {}
+    for stage, n in rows_in.items():
+        cpu_row = _marginal(costs, stage, "cpu_s")
+        src = "scale_costs.json summary.<stage>.cpu_s.marginal_per_1k"
+        if stage == "crawl":
+            photo = CRAWL_CORE_S_PHOTO * WEB_IMAGE_FACTOR
+            if not cpu_row >= photo:
+                cpu_row, src = photo, "README bench_crawl 2 cores / 337 img/s x WEB_IMAGE_FACTOR (assumed)"
+        core_h = n * cpu_row / 3600
+        req_row = _marginal(costs, stage, "s3_requests")
+        wr_row = _marginal(costs, stage, "s3_bytes_written")
+        stages[stage] = {
+            "rows_in": n, "cpu_s_per_row": cpu_row, "cpu_source": src, "core_hours": core_h,
+            "node_hours": core_h / (NODE_VCPU * NODE_EFF),
+            "hours_on_cluster": core_h / (NODE_VCPU * NODE_EFF * DATA_NODES),
+            "s3_requests": n * req_row if req_row == req_row else None,
+            "s3_requests_per_row_measured": req_row,
+            "s3_bytes_written_measured_per_row": wr_row,
+        }
+    # Bytes on S3: rows that carry images (crawl output = pool, every later stage a subset), per ROW_BYTES.
+    bytes_on_s3 = {"crawl": POOL * ROW_BYTES, "filter": POOL * 0.9 * ROW_BYTES, "dedup": POOL * 0.8 * ROW_BYTES,
+                   "curate": PAIRS * ROW_BYTES, "shard": PAIRS * ROW_BYTES}
+    parts = attempted / ROWS_PER_PART
+    train = {}
+    for name, (lo, hi) in A100_SAMPLES_S.items():
+        samples = PAIRS * EPOCHS
+        gpu_h = (samples / hi / 3600, samples / lo / 3600)
+        opts = []
+        for nodes in GPU_NODES_OPTIONS:
+            gpus = 8 * nodes
+            opts.append({"nodes": nodes, "gpus": gpus, "per_gpu_batch": GLOBAL_BATCH / gpus,
+                         "days": (gpu_h[0] / gpus / 24, gpu_h[1] / gpus / 24),
+                         "steps": samples / GLOBAL_BATCH,
+                         "read_MBps": gpus * hi * ROW_BYTES / 1e6,
+                         "row_group_GET_s": gpus * hi / ROW_GROUP})
+        p = PARAMS[name]
+        # weights-only export fp32; a full ZeRO checkpoint: bf16 weights (2) + fp32 master, Adam m, v (12)
+        ckpt = {"export_GB_fp32": p * 4 / 1e9, "train_ckpt_GB": p * 14 / 1e9}
+        ckpt["save_s"] = {str(o["nodes"]): ckpt["train_ckpt_GB"] / (CKPT_WRITE_GBPS_PER_NODE * o["nodes"]) for o in opts}
+        train[name] = {"samples": samples, "gpu_hours": gpu_h, "options": opts, "checkpoint": ckpt}
+    out = {"inputs": {"published": {"pairs": PAIRS, "epochs": EPOCHS, "global_batch": GLOBAL_BATCH, "pool": POOL,
+                                    "a100_samples_s": A100_SAMPLES_S, "s3_prefix_put_s": S3_PREFIX_PUT_S,
+                                    "s3_prefix_get_s": S3_PREFIX_GET_S},
+                      "assumed": {"crawl_success": CRAWL_SUCCESS, "web_image_factor": WEB_IMAGE_FACTOR,
+                                  "row_bytes": ROW_BYTES, "node_vcpu": NODE_VCPU, "node_eff": NODE_EFF,
+                                  "data_nodes": DATA_NODES, "ckpt_write_GBps_per_node": CKPT_WRITE_GBPS_PER_NODE},
+                      "measured": {"costs": costs.get("meta"), "sim": (sim or {}).get("meta")}},
+           "stages": stages, "bytes_on_s3": bytes_on_s3, "crawl_parts": parts, "train": train}
+    if sim:
+        out["sim"] = {step: [r for r in recs if "error" not in r][-1:] for step, recs in sim["results"].items()}
+    return out
+
+
+def _g(x: float, d: int = 0) -> str:
+    return "-" if x is None or x != x else f"{x:,.{d}f}"
+
+
+def markdown(m: dict[str, Any]) -> str:
+    lines = ["| stage | rows in | CPU s per row | core-hours | node-hours (32 vCPU) | hours on 32 nodes | "
+             "S3 requests | S3 requests per row | source of CPU s |", "|---|---|---|---|---|---|---|---|---|"]
+    for stage, s in m["stages"].items():
+        lines.append(f"| {stage} | {s['rows_in'] / 1e9:.2f}B | {s['cpu_s_per_row'] * 1000:.2f} ms | {_g(s['core_hours'])} | "
+                     f"{_g(s['node_hours'])} | {_g(s['hours_on_cluster'], 1)} | {_g(s['s3_requests'])} | "
+                     f"{_g(s['s3_requests_per_row_measured'], 4)} | {s['cpu_source']} |")
+    lines += ["", "| model | samples seen | A100-hours | 8-GPU nodes | GPUs | per-GPU batch | days | steps | "
+              "shard read MB/s | row-group GETs/s | full checkpoint GB | save s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, t in m["train"].items():
+        for o in t["options"]:
+            lines.append(f"| {name} | {t['samples'] / 1e9:.1f}B | {_g(t['gpu_hours'][0])}-{_g(t['gpu_hours'][1])} | "
+                         f"{o['nodes']} | {o['gpus']} | {o['per_gpu_batch']:.0f} | {o['days'][0]:.1f}-{o['days'][1]:.1f} | "
+                         f"{o['steps']:,.0f} | {o['read_MBps']:,.0f} | {o['row_group_GET_s']:,.0f} | "
+                         f"{t['checkpoint']['train_ckpt_GB']:.1f} | {t['checkpoint']['save_s'][str(o['nodes'])]:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--costs", default="benchmarks/out/scale_costs.json")
+    ap.add_argument("--sim", default="benchmarks/out/scale_sim.json")
+    ap.add_argument("--out", default="benchmarks/out")
+    args = ap.parse_args()
+    with open(args.costs) as f:
+        costs = json.load(f)
+    sim = None
+    if os.path.exists(args.sim):
+        with open(args.sim) as f:
+            sim = json.load(f)
+    m = model(costs, sim)
+    with open(os.path.join(args.out, "scale_model.json"), "w") as f:
+        json.dump(m, f, indent=2)
+    text = markdown(m)
+    with open(os.path.join(args.out, "scale_model.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
