@@ -7,7 +7,7 @@
 It starts a local SeaweedFS S3 server for the shards and checkpoints (storage=local skips it) and a
 loopback web server of generated image-caption pairs (coloured shapes on backgrounds with varied
 phrasings, plus scikit-learn's digits, plus planted duplicates, planted eval images and the hostile
-cases a crawler meets), writes the URL list, and runs crawl -> filter -> dedup -> shard -> train ->
+cases a crawler meets), writes the URL list, and runs crawl -> filter -> dedup -> curate -> shard -> train ->
 evaluate on held-out images, including colour-shape pairs never seen in training.
 """
 

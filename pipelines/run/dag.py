@@ -1,4 +1,4 @@
-"""The whole DAG from one config: crawl -> filter -> dedup -> shard -> train -> evaluate.
+"""The whole DAG from one config: crawl -> filter -> dedup -> curate -> shard -> train -> evaluate.
 
     python -m pipelines.run --config configs/run_tiny.yaml [key=value ...]
         [--only STAGE[,STAGE]] [--from STAGE] [--force STAGE[,STAGE]] [--dry-run]

@@ -107,7 +107,7 @@ def _names(fp: str):
 
 
 def _prepare(cfg: ShardConfig) -> tuple[Storage, Manifest, str]:
-    inp, in_manifest = read_committed(cfg.input, cfg.input_s3, "shard.input (the dedup's output)", producer="dedup")
+    inp, in_manifest = read_committed(cfg.input, cfg.input_s3, "shard.input (the curate stage's output)", producer="curate")
     conf = {k: v for k, v in to_dict(cfg).items() if k not in ("input", "input_s3", "output", "ray")}
     if conf.get("webdataset_samples_per_tar") is None:
         conf.pop("webdataset_samples_per_tar", None)  # Parquet-only runs keep the fingerprints they had
