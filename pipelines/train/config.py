@@ -43,31 +43,30 @@ class TrainDataConfig:
     manifest: str = ""
     # Connection settings when manifest is on S3.
     s3: S3Options = field(default_factory=S3Options)
-    # Random square crop covering this fraction of the image area; [1.0, 1.0] makes augmentation
-    # deterministic (the tests use it to compare runs step by step).
+    # Random square crop covering this fraction of the image area, seeded per sample by (seed, epoch, key);
+    # [1.0, 1.0] disables augmentation (the tests compare against a single-process run without it).
     crop_scale: tuple[float, float] = (0.9, 1.0)
-    # Rows per decode/augment/tokenise task.
-    map_batch_size: int = 64
-    # Parallel decode/augment/tokenise tasks at most.
-    map_concurrency: int = 1
-    # CPUs each map actor reserves (fractional is fine: the stage is mostly PIL and numpy).
-    map_num_cpus: float = 1.0
-    # Shuffle the order of blocks (row groups of the shards) with this seed; None keeps file order.
-    shuffle_seed: int | None = None
-    # Rows in each worker's local shuffle buffer; 0 disables.
-    local_shuffle_buffer: int = 0
-    # Read the shards once into Ray's object store and re-run only decode/augment/tokenise each epoch.
-    # For datasets that fit in the object store (the demo): each epoch otherwise re-lists and re-reads
-    # the files, which cost 10-15 s per epoch start against a local S3 server.
-    cache_encoded: bool = False
+    # The order's read unit: each shard file splits into chunks of this many rows, and an epoch permutes
+    # the chunks (match shard.row_group_size: a chunk is then one Parquet row group).
+    chunk_rows: int = 256
+    # Rows shuffled together: an epoch cuts its chunk order into windows of this many rows and permutes
+    # the rows inside each. Larger mixes better; each loader caches what it reads of a window.
+    shuffle_window_rows: int = 16384
+    # Loader actors (read + decode + augment + tokenise) per training worker, and the CPUs each holds.
+    loaders_per_worker: int = 1
+    loader_num_cpus: float = 1.0
+    # Steps each training worker has in flight (being loaded or ready) ahead of the one it trains on.
+    prefetch_steps: int = 4
 
     def __post_init__(self) -> None:
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"data.crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
-        if self.map_batch_size < 1 or self.map_concurrency < 1 or self.map_num_cpus <= 0 or self.local_shuffle_buffer < 0:
-            raise ValueError("data.map_batch_size >= 1, data.map_concurrency >= 1, data.map_num_cpus > 0 and "
-                             "data.local_shuffle_buffer >= 0 are required")
+        if self.chunk_rows < 1 or self.shuffle_window_rows < self.chunk_rows:
+            raise ValueError("data.chunk_rows must be >= 1 and data.shuffle_window_rows >= data.chunk_rows")
+        if self.loaders_per_worker < 1 or self.loader_num_cpus <= 0 or self.prefetch_steps < 1:
+            raise ValueError("data.loaders_per_worker >= 1, data.loader_num_cpus > 0 and data.prefetch_steps >= 1 "
+                             "are required")
 
 
 @dataclass
@@ -92,7 +91,8 @@ class TrainConfig:
     # Micro-batches per optimizer step with feature caching: every accumulated sample stays a
     # negative of every other (OpenCLIP's accum-freq), so the contrastive batch is never smaller.
     accum_freq: int = 1
-    # Save every N optimizer steps (and always at the end); Ray keeps the newest keep_checkpoints.
+    # Save every N optimizer steps (and always at the end); the newest keep_checkpoints complete ones are
+    # kept (older ones are deleted only after a newer one is committed).
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     # Run output root (local directory or s3://bucket/prefix): checkpoints, TensorBoard, export.
@@ -104,8 +104,14 @@ class TrainConfig:
     # A worker count, or [min, max] for an elastic run (Ray Train V2 resizes between them).
     num_workers: int | list[int] = 2
     use_gpu: bool = False
-    # Logical CPUs each training worker holds for the whole run: leave CPUs for the Ray Data stages.
+    # Logical CPUs each training worker holds for the whole run: leave CPUs for the input loaders.
     cpus_per_worker: float = 1.0
+    # Custom resources each training worker also asks for, e.g. {train_node: 1} to keep training on the node
+    # group that advertises it (see cluster/README.md).
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    # Elastic runs: how often Ray Train checks whether more workers fit (and restarts the group larger from
+    # the newest complete checkpoint). Losing a worker restarts the group at once, whatever this is.
+    resize_check_s: float = 60.0
     # Worker-group restarts (from the newest complete checkpoint) before the run fails.
     max_failures: int = 0
     seed: int = 0
@@ -123,6 +129,8 @@ class TrainConfig:
             raise ValueError(f"patch_dropout must be in [0, 1), got {self.patch_dropout}")
         if self.accum_freq < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.log_every < 1:
             raise ValueError("accum_freq, checkpoint_every, keep_checkpoints and log_every must be >= 1")
+        if self.resize_check_s <= 0 or any(v <= 0 for v in self.worker_resources.values()):
+            raise ValueError("resize_check_s and worker_resources amounts must be > 0")
         if self.cpus_per_worker <= 0 or self.max_failures < -1:
             raise ValueError("cpus_per_worker must be > 0 and max_failures >= -1 (-1 = unlimited)")
         if not self.run_name or "/" in self.run_name:

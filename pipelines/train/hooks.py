@@ -1,6 +1,6 @@
 """Test-only injection points into the training loop. The product never sets them: the DAG and the CLI
 call run(cfg) without hooks; tests pass a TrainHooks to run()/run_training() to make a worker die once at
-a given step or to dump the full fp32 state after every save and load."""
+a given step (or inside a checkpoint's commit window) or to dump the full fp32 state after every save and load."""
 
 from __future__ import annotations
 
@@ -12,9 +12,15 @@ class TrainHooks:
     #: Rank 1 exits hard before this step, once: the file `fail_marker` records that it did.
     fail_at_step: int | None = None
     fail_marker: str = ""
+    #: Rank 0 exits hard between uploading checkpoint N and committing it, once (`fail_marker` again).
+    fail_before_commit_at_step: int | None = None
     #: Rank 0 writes full fp32 weights and Adam moments here after every save and load.
     debug_dump_dir: str = ""
+    #: Every rank appends the sample keys of every step it trains on here (rank<r>_pid<p>.jsonl).
+    keys_dir: str = ""
+    #: Sleep after every step (the live-elastic test needs a run that lasts while it removes a node).
+    step_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.fail_at_step is not None and not self.fail_marker:
+        if (self.fail_at_step is not None or self.fail_before_commit_at_step is not None) and not self.fail_marker:
             raise ValueError("fail_at_step needs fail_marker (a file that makes the failure happen only once)")

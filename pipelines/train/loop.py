@@ -28,7 +28,7 @@ from clip_model.optim import param_groups
 from pipelines.train import checkpointing as ckpt_io
 from pipelines.train.config import TrainConfig, run_dir
 from pipelines.train.hooks import TrainHooks
-from pipelines.train.data import load_tokenizer, steps_per_epoch
+from pipelines.train.data import InputSpec, SamplePlan, StepFeeder, load_tokenizer
 
 
 class ContrastiveModel(nn.Module):
@@ -215,7 +215,7 @@ class Progress:
             epoch = (step - 1) // self.spe + 1
             print(f"[train] step {step}/{self.total} epoch {epoch}/{math.ceil(self.total / self.spe)} "
                   f"loss {record['loss']:.4f} logit_scale {record['logit_scale']:.2f} lr {record['lr']:.2e} "
-                  f"{record['samples_per_s']:.1f} samples/s data_wait {record['data_wait_ms']:.1f} ms "
+                  f"{record['samples_per_s']:.1f} samples/s data_wait {record['data_wait_ms']:.1f} ms workers {record['world_size']} "
                   f"ETA {eta:.0f} s", flush=True)
         if step % self.spe == 0:
             print(f"[train] epoch {step // self.spe} finished at step {step} ({time.time() - self.start:.1f} s)", flush=True)
@@ -241,17 +241,19 @@ def _maybe_fail(hooks: TrainHooks, step: int, rank: int) -> None:
         os._exit(1)
 
 
-def _batches(shard, per_worker: int, cfg: TrainConfig, epoch: int, skip: int):
-    """This worker's batches of one epoch, the first `skip` (already trained on) consumed unseen."""
-    import ray.train.torch
+def _before_commit_hook(hooks: TrainHooks):
+    """The window between a checkpoint's upload and its marker: rank 0 dies there once (tests only)."""
+    if hooks.fail_before_commit_at_step is None:
+        return None
 
-    it = iter(shard.iter_torch_batches(
-        batch_size=per_worker, drop_last=True, device=ray.train.torch.get_device() if cfg.use_gpu else "cpu",
-        local_shuffle_buffer_size=cfg.data.local_shuffle_buffer or None,
-        local_shuffle_seed=(cfg.seed + epoch) if cfg.data.local_shuffle_buffer else None))
-    for _ in range(skip):
-        next(it)
-    return it
+    def hook(step: int, rank: int) -> None:
+        if step == hooks.fail_before_commit_at_step and rank == 0 and not os.path.exists(hooks.fail_marker):
+            with open(hooks.fail_marker, "w") as f:
+                f.write(str(step))
+            print(f"[train] rank 0 exiting hard before committing checkpoint {step} (test hook)", flush=True)
+            os._exit(1)
+
+    return hook
 
 
 def train_step(engine, cfg: TrainConfig, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,44 +272,50 @@ def train_step(engine, cfg: TrainConfig, images: torch.Tensor, tokens: torch.Ten
     return feature_cached_step(engine, micro, backward)
 
 
-def _resume(engine_args: dict[str, Any], cfg: TrainConfig, world: int, rank: int, hooks: TrainHooks):
-    """Build the engine, loading the newest complete checkpoint if there is one."""
-    ckpt = ckpt_io.resume_checkpoint()
-    if ckpt is None:
+def _resume_point(cfg: TrainConfig) -> tuple[str | None, ckpt_io.TrainState | None]:
+    """The newest complete checkpoint's name and state (read before the engine exists, so the input
+    can start loading the resume step while DeepSpeed initialises)."""
+    storage = run_dir(cfg)
+    name = ckpt_io.newest_complete(storage)
+    if name is None:
+        return None, None
+    state = ckpt_io.TrainState(**json.loads(storage.read_bytes(f"{name}/{ckpt_io.STATE_FILE}")))
+    if state.global_batch_size != cfg.global_batch_size:
+        raise ValueError(f"checkpoint {storage.uri(name)} was trained at global_batch_size {state.global_batch_size}, "
+                         f"config says {cfg.global_batch_size}: the global batch is kept across resumes")
+    return name, state
+
+
+def _resume(engine_args: dict[str, Any], cfg: TrainConfig, world: int, rank: int, hooks: TrainHooks,
+            name: str | None, state: ckpt_io.TrainState | None):
+    """Build the engine, loading checkpoint `name` (whose state is `state`) if there is one."""
+    if name is None or state is None:
         engine, _ = build_engine(cfg, universal=False, world=world, rank=rank, **engine_args)
         return engine, ckpt_io.TrainState(world_size=world, zero_stage=cfg.zero_stage,
                                           global_batch_size=cfg.global_batch_size)
-    with ckpt.as_directory() as directory:
-        state = ckpt_io.read_state(directory)
-        if state.global_batch_size != cfg.global_batch_size:
-            raise ValueError(f"checkpoint {ckpt.path} was trained at global_batch_size {state.global_batch_size}, "
-                             f"config says {cfg.global_batch_size}: the global batch is kept across resumes")
-        # A plain ZeRO checkpoint only loads into the same world size and stage (the latter is untested).
-        universal = state.world_size != world or state.zero_stage != cfg.zero_stage
-        engine, _ = build_engine(cfg, universal=universal, world=world, rank=rank, **engine_args)
-        with ckpt_io.load_dir(directory, universal) as (load_dir, tag):
+    storage = run_dir(cfg)
+    # A plain ZeRO checkpoint only loads into the same world size and stage (the latter is untested).
+    universal = state.world_size != world or state.zero_stage != cfg.zero_stage
+    engine, _ = build_engine(cfg, universal=universal, world=world, rank=rank, **engine_args)
+    with ckpt_io.local_copy(storage, name) as directory:
+        with ckpt_io.load_dir(directory, universal) as (load_dir, tag), ckpt_io.safe_torch_load():
             path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
                                              load_lr_scheduler_states=True)
         if path is None:
-            raise RuntimeError(f"DeepSpeed found no checkpoint in {ckpt.path} (tag {tag})")
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {storage.uri(name)} (tag {tag})")
         if not universal:
             ckpt_io.restore_rng(directory, rank)
     if rank == 0:
-        print(f"[train] resumed from {ckpt.path} at step {state.step} (saved by {state.world_size} workers, "
-              f"now {world}{', universal checkpoint' if universal else ''})", flush=True)
+        print(f"[train] resumed from {storage.uri(name)} at step {state.step} (saved by {state.world_size} "
+              f"workers, now {world}{', universal checkpoint' if universal else ''})", flush=True)
     state.resumes.append({"step": state.step, "from_world_size": state.world_size, "world_size": world})
     state.world_size, state.zero_stage = world, cfg.zero_stage
     dump_state(engine, hooks, f"load_step{state.step}_ws{world}", rank)
     return engine, state
 
 
-def _save(engine, hooks: TrainHooks, state: ckpt_io.TrainState, rank: int, metrics: dict[str, Any]) -> None:
-    directory = tempfile.mkdtemp(prefix=f"ckpt_rank{rank}_")
-    try:
-        ckpt_io.save_local(engine, state, directory, rank)
-        ckpt_io.report_and_commit(metrics, directory, state.step, rank)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+def _save(engine, cfg: TrainConfig, hooks: TrainHooks, state: ckpt_io.TrainState, rank: int) -> None:
+    ckpt_io.save(engine, state, run_dir(cfg), rank, cfg.keep_checkpoints, before_commit=_before_commit_hook(hooks))
     dump_state(engine, hooks, f"save_step{state.step}_ws{state.world_size}", rank)
 
 
@@ -320,53 +328,93 @@ def _tb_dir(cfg: TrainConfig, rank: int) -> str | None:
     return storage.fs_path("tensorboard")
 
 
+def _feeder(cfg: TrainConfig, files: list[str], plan: SamplePlan, rank: int, world: int, start: int,
+            stop: int) -> StepFeeder:
+    mcfg = cfg.model_config()
+    spec = InputSpec(manifest=cfg.data.manifest, s3=cfg.data.s3, files=tuple(files),
+                     image_size=mcfg.vision.image_size, context_length=mcfg.text.context_length,
+                     crop_scale=tuple(cfg.data.crop_scale), seed=cfg.seed)
+    return StepFeeder(spec, plan, rank, world, start, stop, loaders=cfg.data.loaders_per_worker,
+                      cpus=cfg.data.loader_num_cpus, prefetch=cfg.data.prefetch_steps,
+                      resources=cfg.ray.data_resources)
+
+
+def _log_keys(hooks: TrainHooks, step: int, rank: int, keys) -> None:
+    if hooks.keys_dir:
+        os.makedirs(hooks.keys_dir, exist_ok=True)
+        with open(os.path.join(hooks.keys_dir, f"rank{rank}_pid{os.getpid()}.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, "rank": rank, "keys": [str(k) for k in keys]}) + "\n")
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     cfg: TrainConfig = config["cfg"]
     hooks: TrainHooks = config.get("hooks") or TrainHooks()
+    t_start = time.perf_counter()
     ctx = ray.train.get_context()
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
     per_worker = cfg.per_worker_batch(world)
-    spe = steps_per_epoch(config["rows"], world, per_worker)
+    plan = SamplePlan(config["rows_per_file"], cfg.global_batch_size, cfg.seed, cfg.data.chunk_rows,
+                      cfg.data.shuffle_window_rows)
+    spe = plan.steps_per_epoch
     total = cfg.max_steps or cfg.epochs * spe
-    engine, state = _resume({"per_worker": per_worker, "total_steps": total}, cfg, world, rank, hooks)
+    name, saved = _resume_point(cfg)
+    # The loaders start (actor start-up, tokenizer) while DeepSpeed builds the engine.
+    feeder = _feeder(cfg, config["files"], plan, rank, world, saved.step if saved else 0, total)
+    try:
+        engine, state = _resume({"per_worker": per_worker, "total_steps": total}, cfg, world, rank, hooks, name, saved)
+    except BaseException:
+        feeder.close()
+        raise
+    startup = {"engine_s": time.perf_counter() - t_start}
     state.config = config.get("cfg_dict", {})
     random.seed(cfg.seed + rank + state.step)
     np.random.seed((cfg.seed + rank + state.step) % 2**32)
-    shard = ray.train.get_dataset_shard("train")
     tb_dir = _tb_dir(cfg, rank)
     progress = Progress(cfg, rank, total, spe, tb_dir)
     state.history = [h for h in state.history if h["step"] <= state.step]
     engine.train()
-    while state.step < total:
-        epoch, skip = divmod(state.step, spe)
-        batches = _batches(shard, per_worker, cfg, epoch, skip)
-        for _ in range(spe - skip):
-            if state.step >= total:
-                break
+    # One stream from here to the last step, across epochs: nothing restarts at an epoch boundary.
+    batches = iter(feeder)
+    try:
+        while state.step < total:
             _maybe_fail(hooks, state.step + 1, rank)
             t0 = time.perf_counter()
             batch = next(batches)
             t1 = time.perf_counter()
+            startup.setdefault("first_batch_s", t1 - t_start)
+            _log_keys(hooks, state.step + 1, rank, batch["key"])
+            # Copies: the arrays are read-only views of Ray's object store.
+            images, tokens = torch.from_numpy(batch["image"].copy()), torch.from_numpy(batch["tokens"].copy())
+            if cfg.use_gpu:
+                import ray.train.torch
+
+                device = ray.train.torch.get_device()
+                images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
             lr = float(engine.get_lr()[0])  # the rate this step's update uses
-            loss, scale = train_step(engine, cfg, batch["image"], batch["tokens"])
+            loss, scale = train_step(engine, cfg, images, tokens)
             clamp_logit_scale(engine)
             state.step += 1
             state.samples_seen += cfg.global_batch_size
             dt = time.perf_counter() - t0
             record = {"step": state.step, "loss": _mean_over_workers(loss, world), "logit_scale": float(scale),
-                      "lr": lr, "samples_per_s": cfg.global_batch_size / dt,
-                      "data_wait_ms": 1000 * (t1 - t0), "step_s": dt}
+                      "lr": lr, "samples_per_s": cfg.global_batch_size / dt, "data_wait_ms": 1000 * (t1 - t0),
+                      "load_ms": 1000 * float(batch["load_s"]), "step_s": dt, "world_size": world}
             state.history.append(record)
             progress.step(state.step, record)
+            if hooks.step_delay_s:
+                time.sleep(hooks.step_delay_s)
             if state.step % cfg.checkpoint_every == 0 or state.step == total:
-                _save(engine, hooks, state, rank, {k: v for k, v in record.items()})
+                _save(engine, cfg, hooks, state, rank)
+    finally:
+        feeder.close()
     progress.close()
-    _finish(engine, cfg, state, rank, tb_dir)
+    _finish(engine, cfg, state, rank, tb_dir, startup)
 
 
-def _finish(engine, cfg: TrainConfig, state: ckpt_io.TrainState, rank: int, tb_dir: str | None) -> None:
+def _finish(engine, cfg: TrainConfig, state: ckpt_io.TrainState, rank: int, tb_dir: str | None,
+            startup: dict[str, float]) -> None:
     """Export the fp32 weights in OpenAI's layout + tokenizer + config, and the run summary."""
     from clip_model.export import MODEL_FILE, save_export
 
@@ -400,7 +448,10 @@ def _finish(engine, cfg: TrainConfig, state: ckpt_io.TrainState, rank: int, tb_d
         # The first step includes DeepSpeed's and Ray Data's warm-up; leave it out of the rates.
         "mean_samples_per_s": cfg.global_batch_size * len(timed) / sum(h["step_s"] for h in timed) if timed else None,
         "mean_data_wait_ms": float(np.mean([h["data_wait_ms"] for h in timed])) if timed else None,
+        "p99_data_wait_ms": float(np.percentile([h["data_wait_ms"] for h in timed], 99)) if timed else None,
         "resumes": state.resumes, "export": storage.uri("export"),
+        # Seconds from this worker group's start to a ready engine (checkpoint loaded) and to its first batch.
+        "startup": {k: round(v, 2) for k, v in startup.items()},
         # Identifies the weights (keys evaluation in pipelines.run) without reading the export back.
         "model_sha256": hashes.get(MODEL_FILE),
     }

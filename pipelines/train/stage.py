@@ -34,7 +34,10 @@ from pipelines.train.hooks import TrainHooks
 log = logging.getLogger(__name__)
 
 
-def build_trainer(cfg: TrainConfig, datasets: dict[str, Any], rows: int, hooks: TrainHooks | None = None):
+def build_trainer(cfg: TrainConfig, files: list[str], rows_per_file: list[int], hooks: TrainHooks | None = None):
+    """The TorchTrainer. No Ray Datasets pass through it: every worker feeds itself its slice of the
+    plan (pipelines.train.data), and checkpoints are ours (checkpointing.py), not Ray's checkpoint
+    manager, so that no keep_checkpoints value opens a window without a complete checkpoint."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -48,17 +51,18 @@ def build_trainer(cfg: TrainConfig, datasets: dict[str, Any], rows: int, hooks: 
         storage_path=root.fs_path(""),
         storage_filesystem=root.fs,
         failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
     )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "rows": rows, "cfg_dict": to_dict(cfg), "hooks": hooks or TrainHooks()},
+        train_loop_config={"cfg": cfg, "files": files, "rows_per_file": rows_per_file, "cfg_dict": to_dict(cfg),
+                           "hooks": hooks or TrainHooks()},
         # gloo on CPU; DeepSpeed wraps this process group instead of creating its own.
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}),
+            num_workers=num_workers, use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **cfg.worker_resources},
+            elastic_resize_monitor_interval_s=cfg.resize_check_s),
         run_config=run_config,
-        datasets=datasets,
     )
 
 
@@ -74,9 +78,9 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
 
 # Settings that change where or how fast a run goes, not what it learns: left out of the fingerprint.
 # (num_workers is out because the global batch, and so every optimizer step, is kept on a resize.)
-_OPERATIONAL = ("storage_path", "run_name", "s3", "num_workers", "cpus_per_worker", "max_failures", "log_every",
-                "checkpoint_every", "keep_checkpoints", "ray")
-_OPERATIONAL_DATA = ("manifest", "s3", "map_batch_size", "map_concurrency", "map_num_cpus", "cache_encoded")
+_OPERATIONAL = ("storage_path", "run_name", "s3", "num_workers", "cpus_per_worker", "worker_resources",
+                "resize_check_s", "max_failures", "log_every", "checkpoint_every", "keep_checkpoints", "ray")
+_OPERATIONAL_DATA = ("manifest", "s3", "loaders_per_worker", "loader_num_cpus", "prefetch_steps")
 
 
 def fingerprint_of(cfg: TrainConfig) -> str:
@@ -95,16 +99,15 @@ def fingerprint_of(cfg: TrainConfig) -> str:
 def run_training(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
     """Train (or resume) and return the summary that rank 0 wrote next to the export. `hooks` are the
     tests' injection points (a worker that dies once, state dumps); the product never passes them."""
-    from pipelines.train.data import build_train_dataset, committed_files
+    from pipelines.train.data import committed_layout
 
     cfg = resolve_paths(cfg)
     if not cfg.data.manifest:
         raise ValueError("data.manifest is required: the shard stage's output directory (local or s3://)")
     init_ray(cfg.ray)
     start = time.time()
-    _, _, rows = committed_files(cfg.data.manifest, cfg.data.s3)
-    dataset = build_train_dataset(cfg.data, cfg.model_config())
-    result = build_trainer(cfg, {"train": dataset}, rows, hooks).fit()
+    _, files, rows_per_file = committed_layout(cfg.data.manifest, cfg.data.s3)
+    result = build_trainer(cfg, files, rows_per_file, hooks).fit()
     if result.error is not None:
         raise RuntimeError(f"training run {cfg.run_name} failed: {result.error}") from result.error
     summary = json.loads(run_dir(cfg).read_bytes("summary.json"))
