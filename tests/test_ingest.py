@@ -261,3 +261,10 @@ def test_hostile_shards_become_rejected_rows(tmp_path) -> None:
     assert [r.rejected for r in results] == [{"unreadable_file": 1}, {"image_missing": 1}]
     with pytest.raises(FileNotFoundError, match="no .parquet shards"):
         input_shards(IngestConfig(input=str(tmp_path / "out2" / "_parts")))
+
+
+def test_shipped_config_loads() -> None:
+    cfg = load_config(IngestConfig, "configs/ingest.yaml", [])
+    assert (cfg.format, cfg.output.path, cfg.query_column) == ("auto", "out/ingest", None)
+    with pytest.raises(ValueError, match="ingest.format must be one of"):
+        load_config(IngestConfig, "configs/ingest.yaml", ["format=tfrecord"])
