@@ -52,7 +52,9 @@ def load_export(path: str, map_location: str = "cpu", activation: str | None = N
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m clip_model.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m clip_model.export", description="Convert any checkpoint clip_model.formats.load_checkpoint reads (our export, OpenAI's "
+                                     "TorchScript .pt, open_clip files and directories, Hugging Face CLIPModel "
+                                     "directories) into our export or a Hugging Face CLIPModel directory.")
     parser.add_argument("src", help="a checkpoint: our export, OpenAI .pt, open_clip file or dir, HF CLIPModel dir")
     parser.add_argument("dest", help="the directory to write")
     parser.add_argument("--to", choices=("export", "hf"), default="hf", help="our export or a HF CLIPModel dir")
