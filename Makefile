@@ -45,7 +45,8 @@ system-deps:
 	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }
 
 test: $(VENV)/.installed-dev system-deps
-	$(BIN)/python -m pytest tests --durations=15
+	# Two workers: the tests that use Ray in-process on one (one shared Ray), the rest beside them (tests/conftest.py).
+	$(BIN)/python -m pytest tests -n 2 --dist loadgroup --durations=15
 
 clean:
 	rm -rf $(VENV)
