@@ -100,21 +100,33 @@ class SamplePlan:
         self.window_chunks = max(1, window_rows // chunk_rows)
         self.rows = sum(self.rows_per_file)
         self.steps_per_epoch = steps_per_epoch(self.rows, global_batch)
+        # Small caches: the current epoch's chunk order and the windows the current steps draw from.
+        self._epochs: collections.OrderedDict[int, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
+        self._windows: collections.OrderedDict[tuple[int, int], np.ndarray] = collections.OrderedDict()
 
     def __reduce__(self):
         return SamplePlan, (self.rows_per_file, self.global_batch, self.seed, self.chunk_rows,
                             self.window_chunks * self.chunk_rows)
 
-    @functools.lru_cache(maxsize=2)
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(chunk order, first epoch position of each window) of one epoch."""
-        order = np.random.default_rng([self.seed, epoch, 0]).permutation(len(self.chunks))
-        lengths = self.chunks[order, 2] - self.chunks[order, 1]
-        per_window = np.add.reduceat(lengths, np.arange(0, len(order), self.window_chunks))
-        return order, np.concatenate([[0], np.cumsum(per_window)])
+        if epoch not in self._epochs:
+            order = np.random.default_rng([self.seed, epoch, 0]).permutation(len(self.chunks))
+            lengths = self.chunks[order, 2] - self.chunks[order, 1]
+            per_window = np.add.reduceat(lengths, np.arange(0, len(order), self.window_chunks))
+            self._epochs[epoch] = (order, np.concatenate([[0], np.cumsum(per_window)]))
+            while len(self._epochs) > 2:
+                self._epochs.popitem(last=False)
+        return self._epochs[epoch]
 
-    @functools.lru_cache(maxsize=4)
     def _window(self, epoch: int, w: int) -> np.ndarray:
+        if (epoch, w) not in self._windows:
+            self._windows[(epoch, w)] = self._window_rows(epoch, w)
+            while len(self._windows) > 4:
+                self._windows.popitem(last=False)
+        return self._windows[(epoch, w)]
+
+    def _window_rows(self, epoch: int, w: int) -> np.ndarray:
         """Rows of window w in epoch order, as (position of the chunk in the epoch's order, row in chunk)."""
         order, _ = self._epoch(epoch)
         positions = np.arange(w * self.window_chunks, min((w + 1) * self.window_chunks, len(order)))

@@ -27,8 +27,8 @@ from clip_model.model import LOGIT_SCALE_MAX
 from clip_model.optim import param_groups
 from pipelines.train import checkpointing as ckpt_io
 from pipelines.train.config import TrainConfig, run_dir
-from pipelines.train.hooks import TrainHooks
 from pipelines.train.data import InputSpec, SamplePlan, StepFeeder, load_tokenizer
+from pipelines.train.hooks import TrainHooks
 
 
 class ContrastiveModel(nn.Module):

@@ -86,8 +86,7 @@ _OPERATIONAL_DATA = ("manifest", "s3", "loaders_per_worker", "loader_num_cpus", 
 def fingerprint_of(cfg: TrainConfig) -> str:
     """The training run's identity: what it learns from (the committed shards) and how (the settings
     that shape the weights)."""
-    from pipelines.core.manifest import read_committed
-    from pipelines.core.manifest import fingerprint
+    from pipelines.core.manifest import fingerprint, read_committed
 
     _, shards = read_committed(cfg.data.manifest, cfg.data.s3, "data.manifest (the shard stage's output)",
                                producer="shard")
