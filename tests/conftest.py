@@ -49,7 +49,8 @@ def restart_shared_ray() -> None:
 def _start_ray() -> None:
     import ray
 
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=True,
+    # address="local": never join a `ray start` head that another test (tests/test_run.py) runs beside us.
+    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}},
              _system_config={"enable_metrics_collection": False})
 

@@ -64,7 +64,10 @@ def init_ray(cfg: RayConfig) -> None:
         num_cpus = cfg.num_cpus or max(4, 2 * (os.cpu_count() or 1))
         # Metrics export off: nothing scrapes it on a laptop, and its exporter thread has crashed
         # workers at shutdown (ray-project/ray#36885).
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+        # address="local": a new Ray for this command. Without it ray.init joins the newest `ray start` cluster
+        # on the machine (and then refuses num_cpus); a command joins a cluster only when told (ray.address /
+        # RAY_ADDRESS, which `ray job submit` sets).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}},
                  _system_config={"enable_metrics_collection": False})
     console.attach_ray()  # now the workers' output, which the driver receives, goes there as well
