@@ -115,6 +115,28 @@ def _ancestors(p: psutil.Process) -> list[psutil.Process]:
         return []
 
 
+def idle_burn(seconds: float = 60.0) -> float:
+    """CPU seconds per wall second of an idle local Ray (GCS, raylet, agents, 12 idle workers): the background
+    that every stage's cpu_s also contains. Measured on its own Ray, which it shuts down."""
+    import ray
+
+    ray.init(address="local", num_cpus=6, include_dashboard=False,
+             _system_config={"enable_metrics_collection": False})
+    try:
+        @ray.remote
+        def noop() -> int:
+            return 1
+
+        ray.get([noop.remote() for _ in range(12)])
+        time.sleep(5)
+        tree = Tree(set())
+        c0, w0 = tree.cpu_s(), time.perf_counter()
+        time.sleep(seconds)
+        return (tree.cpu_s() - c0) / (time.perf_counter() - w0)
+    finally:
+        ray.shutdown()
+
+
 # ------------------------------------------------------------------------------------ S3 counters
 
 def s3_counters(metrics_url: str) -> dict[str, float]:
@@ -224,6 +246,7 @@ def run_size(n: int, s3: Any, metrics_url: str, work: str, exclude: set[int]) ->
     from pipelines.core.storage import Storage
     from pipelines.run.dag import STAGES, Selection, _execute, decide, load_run_config, validate
 
+    load_at_start = round(os.getloadavg()[0], 2)
     content = make_content(n)
     web_bytes = sum(len(b) for b in content.images)
     parent, child = mp.get_context("fork").Pipe()
@@ -242,6 +265,13 @@ def run_size(n: int, s3: Any, metrics_url: str, work: str, exclude: set[int]) ->
     validate(cfg)
     tree = Tree(exclude)
     t0 = time.perf_counter()
+    import ray
+
+    # Started here with address="local" (then init_ray only attaches): a bare ray.init() joins any Ray that
+    # `ray start` left on the machine (other jobs' test heads), which refuses num_cpus.
+    ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}},
+             _system_config={"enable_metrics_collection": False})
     init_ray(RayConfig(num_cpus=cfg.ray.num_cpus))
     ray_start_s = time.perf_counter() - t0
     stages: dict[str, Any] = {}
@@ -264,6 +294,9 @@ def run_size(n: int, s3: Any, metrics_url: str, work: str, exclude: set[int]) ->
                 break
             wall = time.perf_counter() - t0
             pss, rss = tree.stop()
+            # Actors that end with the stage (train workers) count only once their parent has reaped them:
+            # a process that has exited but is not reaped yet shows in no one's times.
+            time.sleep(3)
             cpu = tree.cpu_s() - before_cpu - tree.sampler_cpu_s
             io = _delta(s3_counters(metrics_url), before_s3)
             man = json.loads(Storage.from_uri(step.path, cfg.s3).read_bytes(MANIFEST_NAME))
@@ -292,7 +325,8 @@ def run_size(n: int, s3: Any, metrics_url: str, work: str, exclude: set[int]) ->
         server.join(10)
         if server.is_alive():
             server.terminate()
-    return {"rows": n, "ray_start_s": round(ray_start_s, 2), "stages": stages}
+    return {"rows": n, "ray_start_s": round(ray_start_s, 2), "load_at_start": load_at_start,
+            "load_at_end": round(os.getloadavg()[0], 2), "stages": stages}
 
 
 # ------------------------------------------------------------------------------------ fitting, tables
@@ -342,7 +376,7 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     sizes = meta["sizes"]
     lines = [f"Per-stage costs per 1,000 input rows of the stage (`python -m benchmarks.scale_costs`), URL lists of "
              f"{', '.join(f'{s:,}' for s in sizes)} rows; 1-minute load average {meta['load_before']} before and "
-             f"{meta['load_after']} after, on {meta['cpus']} cores. Columns: per 1k rows at each size, the fitted "
+             f"{meta['load_after']} after (per size: {meta.get('loads', '-')}), on {meta['cpus']} cores. Columns: per 1k rows at each size, the fitted "
              "growth exponent, and the marginal cost per 1k rows between the two largest sizes.", ""]
     for m, title in (("cpu_s", "CPU seconds"), ("wall_s", "wall seconds"), ("peak_pss_mib", "peak PSS MiB (whole tree)"),
                      ("s3_requests", "S3 requests"), ("s3_bytes_read", "S3 bytes read"),
@@ -363,6 +397,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 3000, 10000])
     ap.add_argument("--quick", action="store_true", help="sizes 200 and 400: a smoke run of every stage (fixed costs only; minutes, not the 10+ of the full run)")
+    ap.add_argument("--resume", action="store_true", help="keep the sizes the output JSON already has")
+    ap.add_argument("--from-log", default="", help="start from the per-stage lines of an earlier run's output")
     ap.add_argument("--out", default="benchmarks/out")
     args = ap.parse_args()
     sizes = [200, 400] if args.quick else sorted(args.sizes)
@@ -373,7 +409,17 @@ def main() -> None:
     local_s3._FIXED_FLAGS = [*local_s3._FIXED_FLAGS, f"-metricsPort={metrics_port}", "-metricsIp=127.0.0.1"]
     s3 = local_s3.LocalS3(os.path.join(work, "s3"), bucket="scale")
     load_before = round(os.getloadavg()[0], 2)
-    runs = []
+    args.idle_cpu_per_s = round(idle_burn(10.0 if args.quick else 60.0), 4)
+    print(f"idle Ray: {args.idle_cpu_per_s} CPU s per wall s", flush=True)
+    runs: list[dict[str, Any]] = []
+    name = "scale_costs_quick" if args.quick else "scale_costs"
+    if args.from_log:
+        runs = runs_from_log(args.from_log)
+    elif args.resume and os.path.exists(os.path.join(args.out, f"{name}.json")):
+        with open(os.path.join(args.out, f"{name}.json")) as f:
+            runs = json.load(f)["runs"]
+    sizes = [n for n in sizes if n not in {r["rows"] for r in runs}]
+    text = save(runs, sizes, load_before, args) if runs else ""
     try:
         s3.start()
         os.environ.update(s3.env())
@@ -381,12 +427,39 @@ def main() -> None:
         for n in sizes:
             runs.append(run_size(n, s3, f"http://127.0.0.1:{metrics_port}/metrics", os.path.join(work, str(n)),
                                  {s3.proc.pid}))
+            runs.sort(key=lambda r: r["rows"])
+            text = save(runs, sizes, load_before, args)  # after every size: a long run cut short keeps the rest
     finally:
         s3.stop()
         shutil.rmtree(work, ignore_errors=True)
-    meta = {"sizes": sizes, "cpus": os.cpu_count(), "load_before": load_before,
-            "load_after": round(os.getloadavg()[0], 2), "quick": args.quick,
-            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    print(text)
+
+
+def runs_from_log(path: str) -> list[dict[str, Any]]:
+    """The per-stage lines a run printed (rounded as printed), for a run that died before writing its JSON."""
+    pat = re.compile(r"N=(\d+) (\w+)\s+rows_in\s+(\d+)\s+wall\s+([\d.]+) s\s+cpu\s+([\d.]+) s\s+pss\s+(\d+) MiB\s+"
+                     r"S3\s+(\d+) req\s+([\d.]+) MiB read\s+([\d.]+) MiB written")
+    runs: dict[int, dict[str, Any]] = {}
+    with open(path) as f:
+        for line in f:
+            m = pat.search(line)
+            if not m:
+                continue
+            n = int(m.group(1))
+            run = runs.setdefault(n, {"rows": n, "from_log": True, "stages": {}})
+            run["stages"][m.group(2)] = {
+                "rows_in": int(m.group(3)), "wall_s": float(m.group(4)), "cpu_s": float(m.group(5)),
+                "peak_pss_mib": float(m.group(6)), "s3_requests": int(m.group(7)),
+                "s3_bytes_read": int(float(m.group(8)) * 2**20), "s3_bytes_written": int(float(m.group(9)) * 2**20)}
+    return [runs[n] for n in sorted(runs)]
+
+
+def save(runs: list[dict[str, Any]], sizes: list[int], load_before: float, args: argparse.Namespace) -> str:
+    meta = {"sizes": [r["rows"] for r in sorted(runs, key=lambda r: r["rows"])], "planned_sizes": sizes, "cpus": os.cpu_count(),
+            "idle_cpu_s_per_wall_s": args.idle_cpu_per_s,
+            "load_before": load_before, "load_after": round(os.getloadavg()[0], 2), "quick": args.quick,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "loads": ", ".join(f"N={r['rows']:,}: {r.get('load_at_start')}-{r.get('load_at_end')}" for r in runs)}
     summary = summarise(runs)
     os.makedirs(args.out, exist_ok=True)
     name = "scale_costs_quick" if args.quick else "scale_costs"
@@ -395,7 +468,7 @@ def main() -> None:
     text = markdown(summary, meta)
     with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write(text + "\n")
-    print(text)
+    return text
 
 
 if __name__ == "__main__":

@@ -36,7 +36,16 @@ NODE_VCPU, NODE_EFF = 32, 0.75  # m6i/c6i.8xlarge; share of vCPU-seconds doing s
 DATA_NODES = 32          # cluster/aws.yaml: cpu_data 24 + cpu_data_c6i 8
 CKPT_WRITE_GBPS_PER_NODE = 1.0  # GB/s one 8-GPU node sustains to S3 (multipart, many connections)
 GPU_NODES_OPTIONS = (8, 16, 32)  # 8-GPU nodes
-ROWS_PER_PART, ROWS_PER_SHARD, ROW_GROUP = 5_000, 10_000, 256  # configs/cluster.yaml
+ROWS_PER_PART, ROWS_PER_SHARD, ROW_GROUP = 5_000, 40_000, 256  # configs/cluster.yaml
+# benchmarks/scale_costs.py runs with crawl.rows_per_part 1,000: every later stage keeps the crawl's parts, so a
+# stage's requests per 1,000 rows there are its requests per part, and on the cluster they scale with parts.
+MEASURED_ROWS_PER_PART = 1_000
+
+
+# MEASURED: an idle local Ray's CPU per wall second (benchmarks/scale_costs.py idle_burn(); the runs before
+# the probe existed used the value it gave on this machine at load ~55: 0.0551). Subtracted per stage as
+# idle x wall, so that a stage slowed down by other jobs on the machine does not look dearer.
+IDLE_CPU_PER_S = 0.0551
 
 
 def _marginal(costs: dict[str, Any], stage: str, metric: str) -> float:
@@ -51,21 +60,28 @@ def model(costs: dict[str, Any], sim: dict[str, Any] | None) -> dict[str, Any]:
     attempted = POOL / CRAWL_SUCCESS
     rows_in = {"crawl": attempted, "filter": POOL, "dedup": POOL, "curate": POOL, "shard": PAIRS}
     stages = {}
+    idle = costs.get("meta", {}).get("idle_cpu_s_per_wall_s", IDLE_CPU_PER_S)
     for stage, n in rows_in.items():
-        cpu_row = _marginal(costs, stage, "cpu_s")
+        # The model takes the raw marginal CPU (an upper bound: it includes Ray's background, which a cluster
+        # pays too); the idle-corrected figure is the lower bound, shown beside it.
+        raw = _marginal(costs, stage, "cpu_s")
+        cpu_row = raw
+        net = max(raw - idle * _marginal(costs, stage, "wall_s"), 0.0)
         src = "scale_costs.json summary.<stage>.cpu_s.marginal_per_1k"
         if stage == "crawl":
             photo = CRAWL_CORE_S_PHOTO * WEB_IMAGE_FACTOR
             if not cpu_row >= photo:
                 cpu_row, src = photo, "README bench_crawl 2 cores / 337 img/s x WEB_IMAGE_FACTOR (assumed)"
+                net = CRAWL_CORE_S_PHOTO * WEB_IMAGE_FACTOR
         core_h = n * cpu_row / 3600
         req_row = _marginal(costs, stage, "s3_requests")
         wr_row = _marginal(costs, stage, "s3_bytes_written")
         stages[stage] = {
-            "rows_in": n, "cpu_s_per_row": cpu_row, "cpu_source": src, "core_hours": core_h,
+            "rows_in": n, "cpu_s_per_row": cpu_row, "cpu_s_per_row_idle_corrected": net, "cpu_source": src, "core_hours": core_h,
             "node_hours": core_h / (NODE_VCPU * NODE_EFF),
             "hours_on_cluster": core_h / (NODE_VCPU * NODE_EFF * DATA_NODES),
-            "s3_requests": n * req_row if req_row == req_row else None,
+            # requests scale with parts (files), not rows: see MEASURED_ROWS_PER_PART
+            "s3_requests": n / ROWS_PER_PART * req_row * MEASURED_ROWS_PER_PART if req_row == req_row else None,
             "s3_requests_per_row_measured": req_row,
             "s3_bytes_written_measured_per_row": wr_row,
         }
@@ -73,6 +89,10 @@ def model(costs: dict[str, Any], sim: dict[str, Any] | None) -> dict[str, Any]:
     bytes_on_s3 = {"crawl": POOL * ROW_BYTES, "filter": POOL * 0.9 * ROW_BYTES, "dedup": POOL * 0.8 * ROW_BYTES,
                    "curate": PAIRS * ROW_BYTES, "shard": PAIRS * ROW_BYTES}
     parts = attempted / ROWS_PER_PART
+    peak_put_s = {}  # PUT rate if a stage's parts all finished within its hours on the cluster, per prefix
+    for stage, st in stages.items():
+        if st["s3_requests"] and st["hours_on_cluster"]:
+            peak_put_s[stage] = st["s3_requests"] / (st["hours_on_cluster"] * 3600)
     train = {}
     for name, (lo, hi) in A100_SAMPLES_S.items():
         samples = PAIRS * EPOCHS
@@ -97,7 +117,8 @@ def model(costs: dict[str, Any], sim: dict[str, Any] | None) -> dict[str, Any]:
                                   "row_bytes": ROW_BYTES, "node_vcpu": NODE_VCPU, "node_eff": NODE_EFF,
                                   "data_nodes": DATA_NODES, "ckpt_write_GBps_per_node": CKPT_WRITE_GBPS_PER_NODE},
                       "measured": {"costs": costs.get("meta"), "sim": (sim or {}).get("meta")}},
-           "stages": stages, "bytes_on_s3": bytes_on_s3, "crawl_parts": parts, "train": train}
+           "stages": stages, "bytes_on_s3": bytes_on_s3, "crawl_parts": parts, "requests_per_s": peak_put_s,
+           "train": train}
     if sim:
         out["sim"] = {step: [r for r in recs if "error" not in r][-1:] for step, recs in sim["results"].items()}
     return out
@@ -108,12 +129,18 @@ def _g(x: float, d: int = 0) -> str:
 
 
 def markdown(m: dict[str, Any]) -> str:
-    lines = ["| stage | rows in | CPU s per row | core-hours | node-hours (32 vCPU) | hours on 32 nodes | "
+    lines = ["| stage | rows in | CPU per row (lower bound: minus idle Ray) | core-hours | node-hours (32 vCPU) | hours on 32 nodes | "
              "S3 requests | S3 requests per row | source of CPU s |", "|---|---|---|---|---|---|---|---|---|"]
     for stage, s in m["stages"].items():
-        lines.append(f"| {stage} | {s['rows_in'] / 1e9:.2f}B | {s['cpu_s_per_row'] * 1000:.2f} ms | {_g(s['core_hours'])} | "
+        lines.append(f"| {stage} | {s['rows_in'] / 1e9:.2f}B | {s['cpu_s_per_row'] * 1000:.2f} ms "
+                     f"({s['cpu_s_per_row_idle_corrected'] * 1000:.2f}) | {_g(s['core_hours'])} | "
                      f"{_g(s['node_hours'])} | {_g(s['hours_on_cluster'], 1)} | {_g(s['s3_requests'])} | "
                      f"{_g(s['s3_requests_per_row_measured'], 4)} | {s['cpu_source']} |")
+    lines += ["", "| stage | TB written to S3 (at 25 KB/row, A) | mean requests/s over the stage on 32 nodes | "
+              "vs one prefix's 3,500 PUT/s (GET: 5,500) |", "|---|---|---|---|"]
+    for stage, b in m["bytes_on_s3"].items():
+        r = m["requests_per_s"].get(stage)
+        lines.append(f"| {stage} | {b / 1e12:.1f} | {_g(r, 1)} | {'-' if r is None else f'{100 * r / S3_PREFIX_PUT_S:.2f}%'} |")
     lines += ["", "| model | samples seen | A100-hours | 8-GPU nodes | GPUs | per-GPU batch | days | steps | "
               "shard read MB/s | row-group GETs/s | full checkpoint GB | save s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, t in m["train"].items():

@@ -109,7 +109,7 @@ def step_dedup(n: int, blocks: int, tmp: str) -> dict[str, Any]:
     from pipelines.dedup.plan import DedupConfig, plan_dedup
 
     keys = ray.data.range(n, override_num_blocks=blocks).map_batches(_dedup_rows, batch_format="numpy")
-    cfg = DedupConfig(partitions=max(64, blocks))
+    cfg = DedupConfig(partitions=max(64, blocks), shuffle_strategy=None)  # None: the context's, set by measure()
     dropped = plan_dedup(keys, cfg).materialize()
     by = {}
     for row in dropped.groupby("reason").count().take_all():
@@ -169,14 +169,15 @@ def store_stats() -> dict[str, int]:
     return out
 
 
-def measure(step: str, n: int, object_store_mib: int, num_cpus: int) -> dict[str, Any]:
+def measure(step: str, n: int, object_store_mib: int, num_cpus: int,
+            shuffle: str = "sort_shuffle_pull_based") -> dict[str, Any]:
     import ray
     import ray.data
 
     tmp = tempfile.mkdtemp(prefix=f"scale-sim-{step}-")
     for attempt in range(3):  # a Ray start can time out on a heavily loaded machine
         try:
-            ray.init(num_cpus=num_cpus, object_store_memory=object_store_mib * 2**20, include_dashboard=False,
+            ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_mib * 2**20, include_dashboard=False,
                      _system_config={"enable_metrics_collection": False, "object_spilling_config": json.dumps(
                          {"type": "filesystem", "params": {"directory_path": tmp}})})
             break
@@ -187,10 +188,10 @@ def measure(step: str, n: int, object_store_mib: int, num_cpus: int) -> dict[str
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     from ray.data.context import ShuffleStrategy
-    ctx.shuffle_strategy = ShuffleStrategy("sort_shuffle_pull_based")  # the project's setting (RayConfig)
+    ctx.shuffle_strategy = ShuffleStrategy(shuffle)  # default: the project's setting (RayConfig)
     tree = Tree(set())
     blocks = max(8, n // 50_000)  # ~50k rows per input block
-    rec: dict[str, Any] = {"rows": n, "blocks": blocks}
+    rec: dict[str, Any] = {"rows": n, "blocks": blocks, "shuffle": shuffle}
     try:
         cpu0 = tree.cpu_s()
         tree.start()
@@ -213,7 +214,8 @@ def measure(step: str, n: int, object_store_mib: int, num_cpus: int) -> dict[str
 
 def markdown(results: dict[str, list[dict[str, Any]]], meta: dict[str, Any]) -> str:
     lines = [f"All-to-all steps on synthetic rows (`python -m benchmarks.scale_sim`), one node: {meta['cpus']} cores, "
-             f"{meta['num_cpus']} logical CPUs for Ray, object store {meta['object_store_mib']} MiB; 1-minute load "
+             f"{meta['num_cpus']} logical CPUs for Ray, object store {meta['object_store_mib']} MiB, Ray Data shuffle "
+             f"{meta.get('shuffle', 'sort_shuffle_pull_based')}; 1-minute load "
              f"average {meta['load_before']} before, {meta['load_after']} after.", "",
              "| step | rows | wall s | CPU s | CPU s per 1M rows | peak PSS MiB | largest process MiB | spilled MiB | "
              "restored MiB | notes |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -222,7 +224,7 @@ def markdown(results: dict[str, list[dict[str, Any]]], meta: dict[str, Any]) -> 
             if "error" in r:
                 lines.append(f"| {step} | {r['rows']:,} | - | - | - | - | - | - | - | did not finish: {r['error'][:120]} |")
                 continue
-            notes = {k: v for k, v in r.items() if k not in ("rows", "blocks", "wall_s", "cpu_s", "peak_pss_mib",
+            notes = {k: v for k, v in r.items() if k not in ("rows", "shuffle", "wall_s", "cpu_s", "peak_pss_mib",
                                                                "peak_proc_rss_mib", "spilled_mib", "restored_mib")}
             lines.append(f"| {step} | {r['rows']:,} | {r['wall_s']:,} | {r['cpu_s']:,} | "
                          f"{1e6 * r['cpu_s'] / r['rows']:,.0f} | {r['peak_pss_mib']:,} | {r['peak_proc_rss_mib']:,} | "
@@ -237,32 +239,44 @@ def markdown(results: dict[str, list[dict[str, Any]]], meta: dict[str, Any]) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
-    ap.add_argument("--steps", nargs="+", default=list(STEPS), choices=list(STEPS))
+    ap.add_argument("--steps", nargs="+", default=["shard", "curate", "dedup"], choices=list(STEPS))
     ap.add_argument("--object-store-mib", type=int, default=2048)
     ap.add_argument("--num-cpus", type=int, default=4)
     ap.add_argument("--max-dedup-rows", type=int, default=10_000_000,
                     help="skip dedup above this many rows (its shuffle is 40+ rows per input row)")
+    ap.add_argument("--shuffle", default="sort_shuffle_pull_based",
+                    choices=["sort_shuffle_pull_based", "sort_shuffle_push_based", "hash_shuffle"])
+    ap.add_argument("--name", default="scale_sim", help="output file stem (benchmarks/out/<name>.{json,md})")
+    ap.add_argument("--resume", action="store_true", help="keep the sizes <name>.json already has; run the rest")
     ap.add_argument("--out", default="benchmarks/out")
     args = ap.parse_args()
-    meta = {"cpus": os.cpu_count(), "num_cpus": args.num_cpus, "object_store_mib": args.object_store_mib,
+    meta = {"shuffle": args.shuffle, "cpus": os.cpu_count(), "num_cpus": args.num_cpus, "object_store_mib": args.object_store_mib,
             "load_before": round(os.getloadavg()[0], 2), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    results: dict[str, list[dict[str, Any]]] = {}
-    path = os.path.join(args.out, "scale_sim.json")
+    results: dict[str, list[dict[str, Any]]] = {step: [] for step in args.steps}
+    path = os.path.join(args.out, f"{args.name}.json")
     os.makedirs(args.out, exist_ok=True)
-    for step in args.steps:
-        for n in sorted(args.sizes):
+    if args.resume and os.path.exists(path):  # keep what an earlier run measured; run only the rest
+        with open(path) as f:
+            earlier = json.load(f)
+        for step, recs in earlier["results"].items():
+            results[step] = [r for r in recs if "error" not in r]
+        meta["earlier_runs"] = [earlier["meta"], *earlier["meta"].get("earlier_runs", [])]
+    for n in sorted(args.sizes):  # size-major: every step at the small sizes before any at the largest
+        for step in args.steps:
+            if any(r["rows"] == n for r in results.get(step, [])):
+                continue
             if step == "dedup" and n > args.max_dedup_rows:
                 results.setdefault(step, []).append({"rows": n, "error": f"skipped (--max-dedup-rows {args.max_dedup_rows})"})
                 continue
             print(f"{step} at {n:,} rows (load {os.getloadavg()[0]:.1f}) ...", flush=True)
-            rec = measure(step, n, args.object_store_mib, args.num_cpus)
+            rec = measure(step, n, args.object_store_mib, args.num_cpus, args.shuffle)
             print(f"  {rec}", flush=True)
             results.setdefault(step, []).append(rec)
             meta["load_after"] = round(os.getloadavg()[0], 2)
             with open(path, "w") as f:  # after every size: a long run that dies keeps what it measured
                 json.dump({"meta": meta, "results": results}, f, indent=2)
     text = markdown(results, meta)
-    with open(os.path.join(args.out, "scale_sim.md"), "w") as f:
+    with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
         f.write(text + "\n")
     print(text)
 
