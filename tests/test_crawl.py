@@ -14,7 +14,7 @@ from pipelines.core.config import load_config
 from pipelines.crawl.stage import CrawlConfig, run
 from pipelines.demo.local_web import HOSTILE, LocalWebServer, WebContent
 from pipelines.core.manifest import read_manifest
-from pipelines.core.schema import SAMPLE_SCHEMA
+from pipelines.core.schema import CRAWL_SCHEMA
 from pipelines.core.storage import Storage
 from pipelines.demo.synthetic import shape_samples
 
@@ -93,7 +93,7 @@ def test_crawl_hostile_cases_each_get_their_reason(web, tmp_path) -> None:
     assert web.hits["/robots.txt"] <= 4  # at most once per crawler actor
     st = Storage.from_uri(out)
     table = st.read_parquet(m.file_paths())
-    assert table.schema.equals(SAMPLE_SCHEMA)
+    assert table.schema.equals(CRAWL_SCHEMA)  # the contract plus the colour signature
     assert len(set(table.column("key").to_pylist())) == N_IMAGES
     assert max(table.column("width").to_pylist()) <= 48 and min(table.column("original_width").to_pylist()) == 64
     # Rerunning a committed stage does nothing.

@@ -86,6 +86,11 @@ def test_dedup_finds_planted_duplicates_and_eval_images(planted, clean) -> None:
     assert 9 <= m.rejected.get("near_dup_image", 0) <= 10  # recall on resized copies, no extra merges
     assert m.rejected.get("eval_overlap", 0) == 8
     assert m.rows_out == m.rows_in - sum(m.rejected.values())
+    # The input has no colour_sig column (written in SAMPLE_SCHEMA): every signature came from the image
+    # bytes, and the manifest says so.
+    colour = m.extra["colour_sig"]
+    assert colour["input_column"] is False and colour["computed_from_image"] == colour["rows"] == 148
+    assert colour["undecodable_phash_only"] == 0 and colour["eval_images_phash_only"] == 0
     kept = Storage.from_uri(out).read_parquet(m.file_paths())
     kept_urls = set(kept.column("url").to_pylist())
     # Each planted group keeps exactly one member (no false merges between groups, nothing lost).
@@ -134,3 +139,44 @@ def test_dedup_killed_midway_reruns_to_the_same_keys(planted, clean) -> None:
     assert len(keys) == len(set(keys))
     assert sorted(keys) == sorted(clean_keys)
     assert m.rejected == m_clean.rejected
+
+
+def test_dedup_reads_stored_colour_and_computes_only_the_missing(tmp_path) -> None:
+    """A crawl-like input with the colour_sig column: stored values are used; null rows get theirs from
+    their image bytes (read back from their file) and are counted. A red and an orange triangle that phash
+    cannot tell apart both stay; a re-encoded copy of the red one goes."""
+    import random
+
+    import numpy as np
+    import pyarrow as pa
+
+    from pipelines.core.images import colour_signature_of_encoded
+    from pipelines.core.manifest import fingerprint
+    from pipelines.core.parts import PartStore, finish_stage
+    from pipelines.core.schema import CRAWL_SCHEMA, REJECTED_SCHEMA
+    from pipelines.demo.synthetic import render_shape
+
+    red = render_shape("triangle", "red", "small", "white", 64, random.Random(0))
+    orange = render_shape("triangle", "orange", "small", "white", 64, random.Random(0))
+    rows = [sample_row(encode(red), "a red triangle", "http://c.test/red.jpg"),
+            sample_row(encode(orange), "an orange triangle", "http://c.test/orange.jpg"),
+            sample_row(encode(red.resize((48, 48), Image.BICUBIC), quality=70), "red again", "http://c.test/red2.jpg")]
+    assert _bits(rows[0]["phash"], rows[1]["phash"]) <= 8  # phash alone would merge red and orange
+    noise = np.random.default_rng(9).integers(0, 255, (5, 8, 8, 3), dtype=np.uint8)  # unrelated to anything
+    rows += [sample_row(encode(Image.fromarray(x).resize((64, 64), Image.BICUBIC)), f"noise {i}", f"http://c.test/{i}.jpg")
+             for i, x in enumerate(noise)]
+    for i, r in enumerate(rows):
+        r["colour_sig"] = None if i in (1, 4) else colour_signature_of_encoded(r["image"])
+    src = str(tmp_path / "filter")
+    st = Storage.from_uri(src)
+    store = PartStore(st, "filter", fingerprint("filter", {"colour": 1}))
+    parts = [store.commit(f"part-{i:05d}", pa.Table.from_pylist(sorted(rows[i::2], key=lambda r: r["key"]),
+                                                                schema=CRAWL_SCHEMA), REJECTED_SCHEMA.empty_table(),
+                          len(rows[i::2])) for i in range(2)]
+    finish_stage(st, "filter", store.fingerprint, parts, CRAWL_SCHEMA, {}, time.time(), [])
+    m = run(load_config(DedupStageConfig, None, [f"input={src}", f"output.path={tmp_path / 'out'}", "ray.num_cpus=4"]))
+    assert m.extra["colour_sig"] == {"input_column": True, "rows": 8, "stored": 6, "computed_from_image": 2,
+                                     "undecodable_phash_only": 0, "eval_images_phash_only": 0}
+    kept = set(Storage.from_uri(str(tmp_path / "out")).read_parquet(m.file_paths()).column("url").to_pylist())
+    assert {"http://c.test/red.jpg", "http://c.test/orange.jpg"} <= kept
+    assert "http://c.test/red2.jpg" not in kept and m.rejected.get("near_dup_image") == 1

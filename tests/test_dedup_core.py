@@ -16,8 +16,8 @@ import ray
 from PIL import Image, ImageDraw
 
 from pipelines.dedup.components import connected_components
-from pipelines.dedup.plan import DedupConfig, build_eval_index, overlap_report, plan_dedup
-from pipelines.core.images import image_phash, phash_of_encoded
+from pipelines.dedup.plan import DedupConfig, EvalMatcher, build_eval_index, overlap_report, plan_dedup
+from pipelines.core.images import colour_signature, colour_signature_of_encoded, image_phash, phash_of_encoded
 from pipelines.dedup.near_dup import caption_shingles
 from pipelines.core.schema import sample_key
 
@@ -130,7 +130,8 @@ def _planted_rows(n_originals: int = 150) -> Planted:
         key = sample_key(url, caption)
         with Image.open(io.BytesIO(data)) as im:
             rows.append({"key": key, "url": url, "caption": caption, "sha256": hashlib.sha256(data).hexdigest(),
-                         "phash": image_phash(im), "width": im.width, "height": im.height,
+                         "phash": image_phash(im), "colour_sig": colour_signature(np.asarray(im.convert("RGB"))),
+                         "width": im.width, "height": im.height,
                          "original_width": ow, "original_height": oh, "file_idx": len(rows) % 4})
         group[key], kind[key] = g, k
     words = np.array("alpha beta gamma delta river stone cloud tiger maple orbit lemon pixel quartz violet harbor".split())
@@ -237,6 +238,7 @@ def test_dedup_is_deterministic_and_caption_minhash_adds_caption_drops(ray_clust
         url = f"https://f.example/{j}.jpg"
         extra.append({"key": sample_key(url, caption), "url": url, "caption": caption,
                       "sha256": f"{j:064x}", "phash": phash_of_encoded(data),
+                      "colour_sig": colour_signature_of_encoded(data),
                       "width": im.width, "height": im.height, "original_width": im.width,
                       "original_height": im.height, "file_idx": 9})
     rows = planted.rows + extra
@@ -270,6 +272,77 @@ def test_plan_rejects_bad_input(ray_cluster: None, planted: Planted) -> None:
     rows = [dict(r) for r in planted.rows[:6]]
     with pytest.raises(ValueError, match="lacks columns.*file_idx"):
         plan_dedup(ray.data.from_arrow(pa.Table.from_pylist(rows).drop_columns(["file_idx"])), DedupConfig())
+    # No colour signatures: an error (the stage computes them), unless the check is off.
+    without = pa.Table.from_pylist(rows).drop_columns(["colour_sig"])
+    with pytest.raises(ValueError, match="lacks columns.*colour_sig"):
+        plan_dedup(ray.data.from_arrow(without), DedupConfig())
+    assert plan_dedup(ray.data.from_arrow(without), DedupConfig(colour_threshold=None)).count() >= 0
     rows[3] = dict(rows[2])  # a duplicated key (same url and caption)
     with pytest.raises(ValueError, match="keys must be unique"):
         plan_dedup(ray.data.from_arrow(pa.Table.from_pylist(rows)), DedupConfig()).materialize()
+
+
+# ---------------------------------------------------------------- colour (issue 14)
+
+def test_images_differing_only_in_colour_are_not_merged_nor_decontaminated(ray_cluster: None) -> None:
+    """The demo's shapes in close palette colours, same geometry: phash puts them within the default radius,
+    the colour signature keeps them apart. Re-encodes and 2/3 resizes of each still merge, and the same
+    rule holds against an eval set (a red eval triangle does not take the orange training one with it)."""
+    import random
+
+    from pipelines.core.images import hashes_of_encoded
+    from pipelines.demo.synthetic import encode, render_shape
+
+    close = [("red", "orange"), ("orange", "yellow"), ("blue", "purple"), ("red", "purple")]
+    rows, group, variant = [], {}, {}
+
+    def add(data: bytes, name: str, g: str, kind: str, side: int) -> None:
+        phash, colour = hashes_of_encoded(data)
+        key = sample_key(f"https://c.example/{name}", name)
+        rows.append({"key": key, "url": f"https://c.example/{name}", "caption": name,
+                     "sha256": hashlib.sha256(data).hexdigest(), "phash": phash, "colour_sig": colour, "width": 64,
+                     "height": 64, "original_width": side, "original_height": side, "file_idx": len(rows) % 3})
+        group[key], variant[key] = g, kind
+    eval_images = []
+    for k, (shape, size, bg) in enumerate([("triangle", "small", "white"), ("square", "large", "grey"),
+                                           ("star", "small", "black"), ("ring", "large", "white")]):
+        for p, (a, b) in enumerate(close):
+            for colour in (a, b):  # the same geometry in both colours of a pair, another for each pair
+                im = render_shape(shape, colour, size, bg, 64, random.Random(10 * k + p))
+                g = f"{shape}-{size}-{bg}-{a}{b}-{colour}"
+                if k == 0 and (a, b) == ("red", "orange") and colour == "red":
+                    eval_images.append(encode(im))  # only its re-encode is in training
+                    add(encode(im, quality=70), g + "-leak", g, "eval", 64)
+                    continue
+                add(encode(im), g, g, "original", 100)  # the largest original: the one a plan keeps
+                add(encode(im, quality=60), g + "-jpeg", g, "reencode", 64)
+                add(encode(im.resize((42, 42), Image.Resampling.BICUBIC)), g + "-small", g, "resize", 42)
+    by_key = {r["key"]: r for r in rows}
+    originals = [r for r in rows if variant[r["key"]] == "original"]
+    twins: dict[str, list[int]] = {}
+    for r in originals:
+        twins.setdefault(group[r["key"]].rsplit("-", 1)[0], []).append(r["phash"])
+    phash_near = sum(bin((x ^ y) & (2 ** 64 - 1)).count("1") <= 8 for x, y in (t for t in twins.values() if len(t) == 2))
+    assert phash_near >= len(twins) // 2  # most colour twins are phash near-duplicates
+
+    index = build_eval_index({"shapes": eval_images})
+    dropped = plan_dedup(_dataset(rows, blocks=3, seed=5), DedupConfig(), index).to_pandas()
+    got = dict(zip(dropped["key"], dropped["reason"]))
+    detail = dict(zip(dropped["key"], dropped["detail"]))
+    colour = {k: g.rsplit("-", 1)[1] for k, g in group.items()}
+    for k, reason in got.items():  # no component mixes colours: each dropped row has its representative's
+        assert reason == "eval_overlap" or colour[detail[k]] == colour[k], (by_key[k]["caption"], detail[k])
+    for k, kind in variant.items():
+        if kind == "eval":
+            assert got.get(k) == "eval_overlap"
+        elif kind != "original":  # re-encodes and resizes merge (with their original, or its same-colour twin)
+            assert got.get(k) == "near_dup_image", by_key[k]["caption"]
+    kept_originals = sum(variant[k] == "original" and k not in got for k in variant)
+    assert sum(r == "eval_overlap" for r in got.values()) == 1
+
+    # The eval rule without Ray: with the colour check only the leak matches; phash alone also takes the
+    # leak's orange twin and that twin's copies.
+    table = pa.Table.from_pylist(rows).select(["phash", "colour_sig"])
+    hits = lambda threshold: sum(s != "" for s in EvalMatcher(index, 8, threshold)(table).column("eval_set").to_pylist())  # noqa: E731
+    assert hits(DedupConfig().colour_threshold) == 1
+    assert hits(None) >= 4

@@ -854,3 +854,81 @@ def test_reserve_is_asked_for_the_decode_before_it_happens() -> None:
     assert process_image(encode(smooth(40, 40, 3), "PNG"), ImageConfig(image_size=64, max_pixels=100),
                          reserve=reserve).reason == "decompression_bomb"
     assert asked == []  # refused from the header: nothing reserved, nothing decoded
+
+
+# --------------------------------------------------------------------------- colour signature (issue 14)
+
+def _demo_shape(shape: str, colour: str, size: str, bg: str, seed: int) -> bytes:
+    import random
+
+    from pipelines.demo.synthetic import encode as demo_encode, render_shape
+
+    return demo_encode(render_shape(shape, colour, size, bg, 64, random.Random(seed)))
+
+
+def _colour_d(a: int, b: int) -> int:
+    return int(images.colour_distance(np.array(a), np.array(b)))
+
+
+def test_colour_signature_splits_every_demo_palette_pair_that_phash_merges() -> None:
+    """The demo's shapes, same geometry (same seed) in each pair of palette colours: phash cannot tell most of
+    them apart; the colour signature puts every pair beyond dedup's default colour threshold."""
+    import itertools
+
+    from pipelines.dedup.plan import DedupConfig
+    from pipelines.demo.synthetic import BACKGROUNDS, COLOURS
+
+    threshold = DedupConfig().colour_threshold
+    cfg = ImageConfig(image_size=64, resize_mode="center_crop")
+    phash_merged = pairs = 0
+    for k, (shape, size, bg) in enumerate(itertools.product(["triangle", "ring", "star"], ["small", "large"],
+                                                            BACKGROUNDS)):
+        stored = {c: process_image(_demo_shape(shape, c, size, bg, k), cfg) for c in COLOURS}
+        for a, b in itertools.combinations(COLOURS, 2):
+            pairs += 1
+            phash_merged += bin((stored[a].phash ^ stored[b].phash) & (2 ** 64 - 1)).count("1") <= 8
+            assert _colour_d(stored[a].colour_sig, stored[b].colour_sig) > threshold, (shape, size, bg, a, b)
+    assert phash_merged > pairs // 2  # the blind spot is real: phash alone merges most of these pairs
+
+
+def test_colour_signature_survives_reencode_resize_and_stored_bytes() -> None:
+    from pipelines.dedup.plan import DedupConfig
+
+    threshold = DedupConfig().colour_threshold
+    cfg = ImageConfig(image_size=64, resize_mode="center_crop")
+    bodies = [_demo_shape(s, c, z, bg, i) for i, (s, c, z, bg) in enumerate(
+        [("triangle", "red", "small", "white"), ("ring", "orange", "large", "noisy"),
+         ("star", "purple", "small", "grey"), ("cross", "blue", "large", "black")])]
+    bodies += [encode(smooth(96, 96, 10 + i), "JPEG") for i in range(4)]  # photo-like, every hue
+    # Not asserted: per-pixel colour noise, which a 2/3 resize averages towards grey (6 levels measured).
+    for body in bodies:
+        original = process_image(body, cfg)
+        pil = Image.open(io.BytesIO(body)).convert("RGB")
+        reencoded = process_image(encode(np.asarray(pil), "JPEG", quality=70), cfg)
+        small = pil.resize((pil.width * 2 // 3, pil.height * 2 // 3), Image.Resampling.BICUBIC)
+        resized = process_image(encode(np.asarray(small), "JPEG", quality=75), cfg)
+        for copy in (reencoded, resized):
+            assert _colour_d(original.colour_sig, copy.colour_sig) <= threshold
+        # The crawl hashes the pixels before encoding; dedup and decontamination hash decoded bytes.
+        phash, colour = images.hashes_of_encoded(original.image)
+        assert phash == images.phash_of_encoded(original.image)
+        assert colour == images.colour_signature_of_encoded(original.image)
+        assert _colour_d(original.colour_sig, colour) <= threshold
+
+
+def test_colour_signature_layout_version_and_unknown() -> None:
+    white = images.colour_signature(np.full((40, 50, 3), 255, np.uint8))
+    black_grey = images.colour_signature(np.zeros((40, 50), np.uint8))  # grey input is accepted
+    red = images.colour_signature(np.tile(np.array([220, 30, 30], np.uint8), (40, 50, 1)))
+    levels = images.colour_levels(np.array([white, black_grey, red]))
+    assert levels.shape == (3, images.COLOUR_BINS)
+    assert levels[0].tolist() == [0] * 11 + [31]  # all of it in the lightest grey bin
+    assert levels[1].tolist() == [0] * 8 + [31, 0, 0, 0]  # all of it in the darkest
+    assert levels[2, 8:].sum() == 0 and levels[2, :8].sum() >= 31  # chromatic only, split over two hues
+    assert images.colour_known(np.array([white, black_grey, red])).all()
+    assert white > 0 and (white >> 60) == images.COLOUR_VERSION
+    assert _colour_d(0, red) == -1 and _colour_d(red, red) == 0  # 0 = unknown: no evidence, not "equal"
+    other_layout = (white & ((1 << 60) - 1)) | (7 << 60)
+    assert not images.colour_known(np.array([other_layout]))[0]
+    with pytest.raises(ValueError, match="RGB or grey"):
+        images.colour_signature(np.zeros((4, 4, 4), np.uint8))

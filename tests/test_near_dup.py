@@ -193,3 +193,26 @@ def test_caption_minhash_signatures_and_bands() -> None:
     assert np.array_equal(keys[0], keys[1]) and not np.any(keys[0] == keys[2])
     vk = nd.signature_value_keys(sigs)
     assert vk[0] == vk[1] and len(set(vk[[0, 2, 3]].tolist())) == 3
+
+
+def test_colour_close_and_image_value_keys() -> None:
+    from pipelines.core.images import COLOUR_VERSION, colour_levels
+
+    def sig(levels: list[int], version: int = COLOUR_VERSION) -> int:
+        v = sum(lv << (5 * i) for i, lv in enumerate(levels)) | (version << 60)
+        return int(np.uint64(v).view(np.int64))
+    base = [3, 0, 0, 0, 0, 0, 0, 9, 0, 0, 10, 28]
+    a = sig(base)
+    assert colour_levels(np.array([a]))[0].tolist() == base
+    near = sig([5] + base[1:])  # one bin 2 levels away
+    far = sig([3, 0, 0, 0, 0, 0, 0, 5] + base[8:])  # one bin 4 levels away
+    other_layout = sig(base, version=2)
+    got = nd.colour_close(np.array([a, a, a, a, 0]), np.array([a, near, far, other_layout, far]), threshold=3)
+    assert got.tolist() == [True, True, False, True, True]  # unknown / another layout: the phash decides
+    assert nd.colour_close(np.array([a]), np.array([near]), threshold=1).tolist() == [False]
+
+    phash = np.array([5, 5, 5, 7], np.int64)
+    keys = nd.image_value_keys(phash, np.array([a, near, 0, 0], np.int64))
+    assert keys[0] != keys[1]  # same phash, different colour: not identical
+    assert keys[2] == 5 and keys[3] == 7  # unknown colour: the phash itself
+    assert np.array_equal(nd.image_value_keys(phash, np.array([a, near, 0, 0])), keys)  # stable

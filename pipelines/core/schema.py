@@ -22,6 +22,12 @@ SAMPLE_SCHEMA = pa.schema([
     ("phash", pa.int64()),  # 64-bit perceptual hash of the stored image, as a signed int64
 ])
 
+# Optional sample columns: the crawl writes them, older outputs and other tools' data may lack them, and a
+# stage that needs one computes it from `image` for the rows without it (and counts those rows).
+COLOUR_SIG = pa.field("colour_sig", pa.int64())  # core.images.colour_signature of the stored image
+# What the crawl writes: the contract plus its optional columns.
+CRAWL_SCHEMA = SAMPLE_SCHEMA.append(COLOUR_SIG)
+
 # Every input row a stage does not pass on lands here, so that rows_in = rows_out + rejected.
 REJECTED_SCHEMA = pa.schema([
     ("key", pa.string()),

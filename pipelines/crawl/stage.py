@@ -43,7 +43,7 @@ from pipelines.core.config import to_dict
 from pipelines.crawl.fetch import TRANSIENT, ByteBudget, FetchConfig, SafeFetcher
 from pipelines.core.images import ImageConfig, process_image
 from pipelines.core.manifest import Manifest, fingerprint, format_funnel, read_manifest, write_manifest
-from pipelines.core.schema import SAMPLE_SCHEMA, rejected_table
+from pipelines.core.schema import CRAWL_SCHEMA, rejected_table
 from pipelines.core.stage import Stage, Wiring
 from pipelines.core import console
 from pipelines.core.parts import OutputConfig, PartResult, PartStore, already_committed, collect_parts, finish_stage
@@ -181,7 +181,7 @@ class CrawlWorker:
     # -- the threads ---------------------------------------------------------------------------
     def _run(self, name: str, work: list[dict[str, Any]], rejected: list[dict[str, Any]], rows_in: int) -> PartResult:
         started, cpu_start, rss_start = time.time(), time.process_time(), _rss_bytes()
-        writer = self.store.writer(name, SAMPLE_SCHEMA, flush_bytes=self.memory.write_buffer)
+        writer = self.store.writer(name, CRAWL_SCHEMA, flush_bytes=self.memory.write_buffer)
         fetched = 0
         # Key order spreads one host's rows over the part (keys are hashes), so the per-host slots
         # do not make every thread queue behind one site.
@@ -228,7 +228,7 @@ class CrawlWorker:
             kept = {"key": row["key"], "url": row["url"], "caption": row["caption"], "query": row["query"] or "",
                     "image": image.image, "width": image.width, "height": image.height,
                     "original_width": image.original_width, "original_height": image.original_height,
-                    "sha256": image.sha256, "phash": image.phash}
+                    "sha256": image.sha256, "phash": image.phash, "colour_sig": image.colour_sig}
             return _Outcome(kept=kept, fetched_bytes=len(result.body or b""))
         except Exception as err:  # noqa: BLE001 - the safety net; known failures have their own reasons
             return _Outcome(rejected=_reject(row, "internal_error", f"{type(err).__name__}: {err}"[:200]))
@@ -382,7 +382,7 @@ def run(cfg: CrawlConfig) -> Manifest:
     reused = sum(p.skipped for p in parts)
     if reused:
         console.progress(note=f"{reused} parts reused from an earlier run")
-    return finish_stage(out, NAME, fp, parts, SAMPLE_SCHEMA, to_dict(cfg), started, cfg.input.paths,
+    return finish_stage(out, NAME, fp, parts, CRAWL_SCHEMA, to_dict(cfg), started, cfg.input.paths,
                         extra={"attempt": 1, "memory": _memory_summary(cfg, parts)})
 
 

@@ -54,6 +54,25 @@ def partition_of(values: np.ndarray, partitions: int) -> np.ndarray:
     return (splitmix64(values) % np.uint64(partitions)).astype(np.int64)
 
 
+# ---------------------------------------------------------------- colour signatures (core.images.colour_signature)
+
+def colour_close(a: np.ndarray, b: np.ndarray, threshold: int) -> np.ndarray:
+    """True where two colour signatures are within `threshold` levels in every bin, or either is unknown (0,
+    or another layout's version): the near-duplicate edge then rests on the phash alone. Callers count the
+    rows without a signature; this function does not decide that silently for a whole input."""
+    from pipelines.core.images import colour_distance
+
+    return colour_distance(a, b) <= threshold  # unknown is -1
+
+
+def image_value_keys(phash: np.ndarray, colour: np.ndarray) -> np.ndarray:
+    """int64 per image, equal when phash and colour signature are both equal: a 64-bit mix, so two distinct
+    pairs collide with odds ~ n^2 / 2^65, like the node ids. An unknown colour (0) keeps the phash itself."""
+    colour = np.asarray(colour, np.int64)
+    mixed = (as_uint64(phash) ^ splitmix64(colour)).view(np.int64)
+    return np.where(colour == 0, np.asarray(phash, np.int64), mixed)
+
+
 # ---------------------------------------------------------------- banded LSH (bit sampling)
 
 def lsh_positions(tables: int, bits: int, seed: int) -> np.ndarray:

@@ -15,13 +15,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.core.cli import run_command
 from pipelines.core.config import to_dict
-from pipelines.dedup.plan import DedupConfig, build_eval_index, overlap_report, plan_dedup
+from pipelines.dedup.plan import DedupConfig, EvalIndex, build_eval_index, overlap_report, plan_dedup
 from pipelines.evaluate.sets import EvalSet, open_eval_set, read_eval_set
 from pipelines.core.manifest import Manifest, fingerprint, read_committed
 from pipelines.core.schema import rejected_table
@@ -61,19 +62,71 @@ class DedupStageConfig:
                 raise ValueError(f"dedup.eval_sets entries need a name and a dataset, got {ref}")
 
 
-def _eval_phashes(eval_sets: list[EvalSet]) -> dict[str, list[int]]:
-    """phash of every eval image, computed by Ray Data tasks; only the 8-byte hashes reach the driver."""
+def _eval_hashes(eval_sets: list[EvalSet]) -> dict[str, list[tuple[int, int]]]:
+    """(phash, colour signature) of every eval image, computed by Ray Data tasks from one decode each, as the
+    crawl computes them; only the 16 bytes of hashes per image reach the driver."""
     out = {}
     for es in eval_sets:
-        ds = read_eval_set(es).map_batches(_phash_batch, batch_format="numpy", **data_args())
-        out[es.name] = [int(r["phash"]) for r in ds.take_all()]
+        ds = read_eval_set(es).map_batches(_hash_batch, batch_format="numpy", **data_args())
+        out[es.name] = [(int(r["phash"]), int(r["colour_sig"])) for r in ds.take_all()]
     return out
 
 
-def _phash_batch(batch: dict[str, Any]) -> dict[str, list[int]]:
-    from pipelines.core.images import phash_of_encoded
+def _hash_batch(batch: dict[str, Any]) -> dict[str, list[int]]:
+    from pipelines.core.images import hashes_of_encoded
 
-    return {"phash": [phash_of_encoded(b) for b in batch["image"]]}
+    hashes = [hashes_of_encoded(b) for b in batch["image"]]
+    return {"phash": [h[0] for h in hashes], "colour_sig": [h[1] for h in hashes]}
+
+
+def _fill_colour(batch: pa.Table, inp: Storage, files: list[str], with_images: bool) -> pa.Table:
+    """Gives every row a colour signature: the stored one, or one computed from the row's image bytes when the
+    input has no colour_sig column (`with_images`: the image column was read instead) or the row's value is
+    null or of another layout (those rows' images are read from their file, by key). Adds `colour_computed`
+    (1 for rows computed here) and `colour_unknown` (1 for rows whose bytes do not decode: their signature
+    stays 0 and their near-duplicate edges rest on the phash alone), so the stage can count both."""
+    from pipelines.core.images import colour_known
+
+    n = batch.num_rows
+    if with_images:
+        todo, stored = np.ones(n, bool), np.zeros(n, np.int64)
+        images = batch.column("image").to_pylist()
+        batch = batch.drop_columns(["image"])
+    else:
+        stored = pc.fill_null(batch.column("colour_sig"), 0).to_numpy().astype(np.int64)
+        todo = ~colour_known(stored)
+        images = _images_of(batch, todo, inp, files)
+        batch = batch.drop_columns(["colour_sig"])
+    colour, unknown = stored.copy(), np.zeros(n, np.int64)
+    for i in np.flatnonzero(todo):
+        colour[i], unknown[i] = _signature(images[i])
+    return batch.append_column("colour_sig", pa.array(colour, pa.int64())) \
+                .append_column("colour_computed", pa.array(todo.astype(np.int64))) \
+                .append_column("colour_unknown", pa.array(unknown))
+
+
+def _images_of(batch: pa.Table, todo: np.ndarray, inp: Storage, files: list[str]) -> list[bytes | None]:
+    """The image bytes of the `todo` rows, read from their input files (only files holding such rows)."""
+    images: list[bytes | None] = [None] * batch.num_rows
+    keys, file_idx = batch.column("key").to_pylist(), batch.column("file_idx").to_numpy()
+    for idx in np.unique(file_idx[todo]):
+        table = inp.read_parquet(files[int(idx)], columns=["key", "image"])
+        found = dict(zip(table.column("key").to_pylist(), table.column("image").to_pylist()))
+        for i in np.flatnonzero(todo & (file_idx == idx)):
+            images[i] = found.get(keys[i])
+    return images
+
+
+def _signature(image: bytes | None) -> tuple[int, int]:
+    """(colour signature, 0), or (0, 1) for bytes that do not decode."""
+    from pipelines.core.images import colour_signature_of_encoded
+
+    if not image:
+        return 0, 1
+    try:
+        return colour_signature_of_encoded(image), 0
+    except ValueError:
+        return 0, 1
 
 
 class WriteDrops:
@@ -135,6 +188,23 @@ def fingerprint_of(cfg: DedupStageConfig) -> str:
     return _prepare(cfg)[3]
 
 
+def _colour_stats(keys: Any, stored: bool, eval_index: EvalIndex | None) -> dict[str, Any]:
+    """How the rows got their colour signatures, for the manifest (and one line on the terminal when any
+    had to be computed): no input is quietly treated as colour-blind."""
+    from pipelines.core.images import colour_known
+
+    computed, unknown = int(keys.sum("colour_computed") or 0), int(keys.sum("colour_unknown") or 0)
+    rows = keys.count()
+    stats = {"input_column": stored, "rows": rows, "stored": rows - computed, "computed_from_image": computed,
+             "undecodable_phash_only": unknown,
+             "eval_images_phash_only": int((~colour_known(eval_index.colours)).sum()) if eval_index else 0}
+    if computed:
+        why = "null or another layout in" if stored else "no colour_sig column in"
+        print(f"dedup: colour signature computed from the image bytes for {computed:,} of {rows:,} rows ({why} the input)"
+              + (f"; {unknown:,} do not decode: phash only" if unknown else ""), flush=True)
+    return stats
+
+
 def run(cfg: DedupStageConfig) -> Manifest:
     started = time.time()
     inp, in_manifest, eval_sets, fp = _prepare(cfg)
@@ -151,7 +221,7 @@ def run(cfg: DedupStageConfig) -> Manifest:
         raise ValueError(f"dedup input {cfg.input} lists no data files")
     timings = {}
     t0 = time.time()
-    eval_index = build_eval_index(_eval_phashes(eval_sets)) if cfg.eval_sets else None
+    eval_index = build_eval_index(_eval_hashes(eval_sets)) if cfg.eval_sets else None
     timings["eval_index_s"] = round(time.time() - t0, 3)
     index_of = {inp.fs_path(f): i for i, f in enumerate(files)}
 
@@ -160,8 +230,19 @@ def run(cfg: DedupStageConfig) -> Manifest:
         return batch.drop_columns(["path"]).append_column("file_idx", pa.array(idx, pa.int64()))
 
     t0 = time.time()
-    keys = (ray.data.read_parquet(**inp.ray_read_args(files), columns=KEY_COLUMNS, include_paths=True, ray_remote_args=data_args())
+    with inp.open_input(files[0]) as f:
+        schema = pq.read_schema(f)  # the footer only, not the images
+    colour = cfg.dedup.colour_threshold is not None
+    stored = "colour_sig" in schema.names
+    columns = KEY_COLUMNS + (["colour_sig" if stored else "image"] if colour else [])
+    keys = (ray.data.read_parquet(**inp.ray_read_args(files), columns=columns, include_paths=True, ray_remote_args=data_args())
             .map_batches(add_file_idx, batch_format="pyarrow", **data_args()))
+    colour_stats = {}
+    if colour:
+        keys = keys.map_batches(_fill_colour, fn_kwargs={"inp": inp, "files": files, "with_images": not stored},
+                                batch_format="pyarrow", **data_args()).materialize()
+        colour_stats = _colour_stats(keys, stored, eval_index)
+        timings["colour_s"] = round(time.time() - t0, 3)
     drops = plan_dedup(keys, cfg.dedup, eval_index).materialize()
     timings["plan_s"] = round(time.time() - t0, 3)
     report = overlap_report(drops, eval_index) if cfg.eval_sets else {}
@@ -173,14 +254,12 @@ def run(cfg: DedupStageConfig) -> Manifest:
     items = [{"file_idx": i, "path": f} for i, f in enumerate(files)]
     parts = run_file_parts(items, ApplyDrops, {"inp": inp, "store": store, "fp": fp, "with_drops": with_drops},
                            cfg.workers)
-    with inp.open_input(files[0]) as f:
-        schema = pq.read_schema(f)  # the footer only, not the images
     if report:
         print("dedup: eval-set overlap (paper section 5)")
         for name, r in report.items():
             print(f"  {name}: {r}")
     manifest = finish_stage(out, NAME, fp, parts, schema, to_dict(cfg), started, [cfg.input],
-                            extra={"eval_overlap": report}, timings=timings)
+                            extra={"eval_overlap": report, "colour_sig": colour_stats}, timings=timings)
     out.delete_prefix(f"_work/{fp[:8]}")
     return manifest
 
