@@ -48,6 +48,7 @@ def synthetic(n: int, cfg: DedupConfig, seed: int = 0) -> tuple[pa.Table, np.nda
     area_side = np.where(is_copy, 100, 200).astype(np.int32)
     table = pa.table({"key": keys, "url": [f"https://x.example/{i}" for i in range(n)],
                       "sha256": [f"{i:064x}" for i in range(n)], "phash": phash,
+                      "colour_sig": np.zeros(n, np.int64),  # 0 = unknown colour: the phash alone decides, as before
                       "width": area_side, "height": area_side, "original_width": area_side,
                       "original_height": area_side, "file_idx": np.arange(n) % 16})
     return table, is_copy
