@@ -10,8 +10,8 @@ SeaweedFS S3 server (pipelines/demo/local_s3.py), as on a cluster. Train runs on
 runs zero-shot on N/5 held-out shapes. What is measured, per stage:
 
 - cpu_s: CPU seconds (user + system) of this process and every process it started (Ray's GCS, raylet,
-  workers, actors; finished ones through their parent's reaped-children times), read from /proc before and
-  after the stage. The S3 server's and the web server's own CPU are excluded (they are other processes).
+  workers, actors), per process as last seen (sampled every 0.25 s, so a worker that exits keeps its time),
+  before and after the stage. The S3 server's and the web server's own CPU are excluded (they are other processes).
 - peak_pss_mib: peak of the summed proportional set size (PSS: shared pages, e.g. Ray's object store,
   counted once) over the same processes, sampled every 0.25 s; peak_proc_rss_mib: the largest single process.
 - S3: requests by HTTP method and bytes in/out, from the SeaweedFS server's own Prometheus counters
@@ -59,6 +59,7 @@ class Tree:
         self.peak_pss = 0
         self.peak_rss = 0
         self.sampler_cpu_s = 0.0  # the sampler's own CPU (reading /proc), subtracted from the stage's
+        self._last: dict[tuple[int, float], float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -71,19 +72,25 @@ class Tree:
         return out
 
     def cpu_s(self) -> float:
-        total = 0.0
+        """CPU of every process seen so far, by pid: a process that has exited keeps the time it had when last
+        seen (the sampler looks every 0.25 s). Parents' reaped-children times are not used: Ray's workers are
+        not all waited for, and a worker that exited mid-stage took its whole lifetime's CPU out of the sum."""
+        self._seen_now()
+        return sum(self._last.values())
+
+    def _seen_now(self) -> None:
         for p in self.procs():
             try:
                 t = p.cpu_times()
-                total += t.user + t.system + t.children_user + t.children_system
+                self._last[(p.pid, p.create_time())] = t.user + t.system
             except psutil.Error:
                 pass
-        return total
 
     def _sample(self) -> None:
         start = time.thread_time()
         while not self._stop.is_set():
             pss = rss = 0
+            self._seen_now()
             for p in self.procs():
                 try:
                     m = p.memory_full_info()
