@@ -85,6 +85,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 IN_PROCESS_RAY = {"test_cluster_configs"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     def module(item: pytest.Item) -> str:
         return item.module.__name__.rpartition(".")[2] if getattr(item, "module", None) else item.nodeid
