@@ -45,8 +45,9 @@ system-deps:
 	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }
 
 test: $(VENV)/.installed-dev system-deps
-	# Two workers: the tests that use Ray in-process on one (one shared Ray), the rest beside them (tests/conftest.py).
-	$(BIN)/python -m pytest tests -n 2 --dist loadgroup --durations=15
+	# Two workers, one test module at a time each (module fixtures run once); each worker has its own shared
+	# Ray and S3 server (tests/conftest.py).
+	$(BIN)/python -m pytest tests -n 2 --dist loadfile --durations=15
 
 clean:
 	rm -rf $(VENV)

@@ -76,21 +76,3 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
         if ray.is_initialized():
             ray.shutdown()
-
-
-# Modules that use Ray in the pytest process itself (the shared `ray_session`, or a cluster of their own).
-# Under `pytest -n 2 --dist loadgroup` (make test) they all run on one worker, so there is only ever one
-# in-process Ray; every other module is a group of its own (its module fixtures run once) and balances the
-# load on the other worker. tests/test_run.py drives its own head (explicit ports) from subprocesses.
-IN_PROCESS_RAY = {"test_cluster_configs"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    def module(item: pytest.Item) -> str:
-        return item.module.__name__.rpartition(".")[2] if getattr(item, "module", None) else item.nodeid
-
-    # A whole module goes with Ray when any of its tests uses it: its other tests may run stages in-process too.
-    ray_modules = set(IN_PROCESS_RAY) | {module(i) for i in items if "ray_session" in getattr(i, "fixturenames", ())}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group("ray" if module(item) in ray_modules else module(item)))
