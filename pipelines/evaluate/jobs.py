@@ -87,9 +87,10 @@ def fingerprint_of(cfg: EvaluateStageConfig) -> str:
                 with open(path, "rb") as f:
                     d[f"{key}_sha256"] = hashlib.sha256(f.read()).hexdigest()
         jobs.append(d)
-    # The weights' hash, not only the train manifest: a forced retrain commits the same file names and
-    # sizes under the same fingerprint, with (possibly) other weights.
-    return fingerprint("evaluate", {"jobs": jobs, "model_sha256": train.extra.get("model_sha256")}, [train])
+    # What is evaluated is the weights: their hash and the train stage's fingerprint, not the train manifest's
+    # file list (its logs and metrics differ from run to run, so a retrain to the same weights would re-evaluate).
+    return fingerprint("evaluate", {"jobs": jobs, "model_sha256": train.extra.get("model_sha256"),
+                                    "train_fingerprint": train.fingerprint})
 
 
 def run(cfg: EvaluateStageConfig) -> Manifest:
