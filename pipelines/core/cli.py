@@ -38,7 +38,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from pipelines.core.config import ConfigError, load_config, to_dict
+from pipelines.core.config import ConfigError, _plain, load_config, to_dict
 
 T = TypeVar("T")
 
@@ -122,14 +122,6 @@ def _inline(value: Any) -> str:
         value = to_dict(value)
     text = yaml.safe_dump(_plain(value), default_flow_style=True, width=10**6, sort_keys=False).strip()
     return text.removesuffix("...").strip()
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _default(f: dataclasses.Field) -> str:
