@@ -196,7 +196,7 @@ def make_content(n: int, seed: int = 0) -> Any:
 
 
 def eval_job(work: str, n: int) -> str:
-    from pipelines.demo.stage import SHAPE_TEMPLATES
+    from pipelines.demo.views import SHAPE_TEMPLATES
     from pipelines.demo.synthetic import shape_classnames, shape_samples
 
     names = shape_classnames()
@@ -272,7 +272,6 @@ def run_size(n: int, s3: Any, metrics_url: str, work: str, exclude: set[int]) ->
     validate(cfg)
     tree = Tree(exclude)
     t0 = time.perf_counter()
-    import ray
 
     # Started here with address="local" (then init_ray only attaches): a bare ray.init() joins any Ray that
     # `ray start` left on the machine (other jobs' test heads), which refuses num_cpus.

@@ -81,3 +81,17 @@ class TrainTransform:
 def stack(transform, images: list) -> torch.Tensor:
     """Apply a transform to a list of encoded images -> B, 3, S, S."""
     return torch.stack([transform(x) for x in images])
+
+
+def drop_words(caption: str, p: float, rng: random.Random) -> str:
+    """Caption word dropout: each whitespace-separated word is left out with probability p (at least one
+    word stays). A text-side augmentation: every shorter caption is still true of its image ("a small red
+    triangle" -> "a red triangle", "a small triangle"), so the text tower sees each concept also without
+    the words that always came with it in the data. p = 0 returns the caption unchanged."""
+    if p <= 0:
+        return caption
+    words = caption.split()
+    kept = [w for w in words if rng.random() >= p]
+    if not kept and words:
+        kept = [rng.choice(words)]
+    return " ".join(kept)

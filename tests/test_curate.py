@@ -4,7 +4,6 @@ per-query cap on rows without a query (issue 14)."""
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections import Counter
 
@@ -13,7 +12,6 @@ import pyarrow as pa
 import pytest
 
 from pipelines.core.config import load_config
-from pipelines.core.manifest import read_manifest
 from pipelines.core.parts import OutputConfig
 from pipelines.core.schema import sample_key
 from pipelines.core.storage import Storage

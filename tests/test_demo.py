@@ -8,27 +8,31 @@ import pytest
 
 from pipelines.demo.stage import DemoConfig, build_web_content, split_args
 from pipelines.evaluate.sets import open_eval_set
-from pipelines.evaluate.stage import load_classnames
-from pipelines.demo.synthetic import HELD_OUT, shape_classnames
+from pipelines.demo.synthetic import COLOURS, HELD_OUT, SHAPES, shape_classnames
+from pipelines.demo.views import views
 
 
-def test_eval_sets_score_unseen_pairs_against_every_pair(tmp_path) -> None:
+def test_eval_sets_carry_every_view_label_space(tmp_path) -> None:
     cfg = DemoConfig(shapes=64, digits=False, planted_duplicates=10, image_px=32, eval_per_class=2)
     content = build_web_content(cfg, str(tmp_path))
-    names = load_classnames(str(tmp_path / "shape_classnames.json"))
-    assert names == shape_classnames() and len(names) == 36
+    names = shape_classnames()
     held = {f"{c} {s}" for c, s in HELD_OUT}
-    for name, want_classes, n in (("shapes_unseen_pairs", held, 2 * 2 * 4), ("shapes_seen_pairs", set(names) - held,
-                                                                             2 * 32)):
-        es = open_eval_set(f"parquet:{tmp_path}/{name}.parquet", None, classnames=names)
-        assert es.classnames == names  # the full label space: an unseen pair competes with all 36 names
-        labels = pq.read_table(tmp_path / f"{name}.parquet").column("label").to_pylist()
-        assert len(labels) == n and {names[i] for i in labels} == want_classes
-    four = load_classnames(str(tmp_path / "shape_classnames_unseen.json"))
-    labels = pq.read_table(tmp_path / "shapes_unseen_pairs_4way.parquet").column("label").to_pylist()
-    assert set(four) == held and sorted(set(labels)) == [0, 1, 2, 3]
-    assert [four[i] for i in labels] == [names[i] for i in
-                                         pq.read_table(tmp_path / "shapes_unseen_pairs.parquet").column("label").to_pylist()]
+    for name, want_pairs, n in (("unseen", held, 2 * 2 * 4), ("seen", set(names) - held, 2 * 32)):
+        table = pq.read_table(tmp_path / f"shapes_{name}.parquet")
+        assert table.num_rows == n
+        pairs, shapes, colours = (table.column(c).to_pylist() for c in ("label", "shape", "colour"))
+        # The pair label indexes all 36 names (an unseen pair competes with every seen neighbour), and the shape
+        # and colour labels are the pair's own two words.
+        assert {names[i] for i in pairs} == want_pairs
+        assert [names[p] for p in pairs] == [f"{list(COLOURS)[c]} {SHAPES[s]}" for s, c in zip(shapes, colours)]
+    # Every view names an existing image set and label column, and its classes cover its labels.
+    for view in views():
+        if view.images == "digits":
+            continue
+        labels = pq.read_table(tmp_path / f"shapes_{view.images}.parquet").column(view.label_col).to_pylist()
+        assert 0 <= min(labels) and max(labels) < len(view.classnames)
+    shape_view = next(v for v in views() if v.name == "shape_unseen")
+    assert not any(c in t.format(s) for t in shape_view.templates for s in shape_view.classnames for c in COLOURS)
     digits = open_eval_set(f"imagefolder:{tmp_path}/digits", None)
     assert len(digits.classnames) == 10
     # The web: 64 shapes, 10 planted copies, 15 leaked eval digits; no held-out pair in any training caption.

@@ -32,7 +32,6 @@ from pipelines.evaluate.linear_probe import ProbeConfig, linear_probe, split_ind
 from pipelines.core.manifest import FileEntry, Manifest, schema_fields, write_manifest
 from pipelines.core.images import phash_of_encoded
 from pipelines.dedup.near_dup import hamming
-from pipelines.core.runtime import RayConfig, init_ray
 from pipelines.core.storage import Storage
 from pipelines.demo.synthetic import encode, render_shape, shape_samples
 
@@ -319,3 +318,48 @@ def test_parquet_set_in_a_wider_label_space(ray_local, work, tiny, folder, templ
     assert "(2 more classes in the label space, no images)" in table
     assert "purple star" not in table and names[0] in table
     assert (out / "per_class_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_views_of_one_set_share_one_embedding_pass(ray_local, work, tiny, folder, templates_file) -> None:
+    """Several jobs on one Parquet set, each with its own label column, class names and single template (the
+    demo's pair / colour / shape views): the stage embeds the images once, and every view's results equal
+    those of the same job evaluated on its own."""
+    from pipelines.evaluate.jobs import EvalJob, EvaluateStageConfig, run as run_jobs
+
+    _, model, tok = tiny
+    _, paths, labels = folder
+    images = [Path(p).read_bytes() for p in paths]
+    colours = ["blue", "green", "red", "yellow"]
+    shapes = ["circle", "cross", "square", "triangle"]
+    colour_of = [colours.index(CLASSES_SORTED[i].split()[0]) for i in labels]
+    shape_of = [shapes.index(CLASSES_SORTED[i].split()[1]) for i in labels]
+    path = work / "views.parquet"
+    pq.write_table(pa.table({"image": images, "label": pa.array(labels, pa.int64()),
+                             "colour": pa.array(colour_of, pa.int64()), "shape": pa.array(shape_of, pa.int64())}),
+                   path)
+    for name, value in (("pairs", CLASSES_SORTED), ("colours", colours), ("shapes", shapes)):
+        (work / f"views_{name}.json").write_text(json.dumps(value))
+    train = work / "views_train"
+    save_export(model, str(train / "export"), tok)
+    write_manifest(Storage.from_uri(str(train)), "", Manifest(stage="train", fingerprint="1" * 64, files=[],
+                                                             extra={"model_sha256": "x"}))
+    jobs = [EvalJob(name="pairs", dataset=f"parquet:{path}", classnames=str(work / "views_pairs.json"),
+                    templates=templates_file, workers=1),
+            EvalJob(name="colour", dataset=f"parquet:{path}", classnames=str(work / "views_colours.json"),
+                    templates=templates_file, label_col="colour", single_template="something {}", workers=1),
+            EvalJob(name="shape", dataset=f"parquet:{path}", classnames=str(work / "views_shapes.json"),
+                    templates=templates_file, label_col="shape", workers=1),
+            EvalJob(name="digits_like", dataset=f"imagefolder:{folder[0]}", templates=templates_file, workers=1)]
+    out = work / "views_out"
+    manifest = run_jobs(EvaluateStageConfig(jobs=jobs, train=str(train), output=str(out)))
+    assert manifest.extra["embedding_passes"] == 2  # one for the Parquet set's three views, one for the folder
+    emb = _embed(model, images)
+    for job, want in (("pairs", list(labels)), ("colour", colour_of), ("shape", shape_of)):
+        res = json.loads((out / job / "results.json").read_text())
+        names = json.loads((work / f"views_{'pairs' if job == 'pairs' else job + 's'}.json").read_text())
+        single = "something {}" if job == "colour" else "a photo of a {}."
+        for mode, temps in (("single", [single]), ("ensemble", TEMPLATES)):
+            w = build_classifier(model.encode_text, _tokenize(model, tok), names, temps)
+            top1 = float(((emb @ w).argmax(1) == torch.tensor(want)).float().mean())
+            assert res["modes"][mode]["top1"] == pytest.approx(top1, abs=1e-6), (job, mode)
+        assert res["n"] == len(images) and res["classnames"] == names

@@ -484,8 +484,12 @@ def test_live_elastic_node_lost_and_regained(ray_session, shards, tmp_path) -> N
     assert back["global_batch_size"] == GLOBAL_BATCH and back["samples_seen"] == back["step"] * GLOBAL_BATCH
     cfg = tiny_config(tmp_path, shards, max_steps=total, accum_freq=2, optim=OptimConfig(lr=1e-3, weight_decay=0.1))
     losses, want = [h["loss"] for h in back["history"]], reference_losses(cfg, shards, back["step"])
-    # Up to the node loss the run is the reference to float noise; after 1- and 2-worker stretches the
-    # sums run in other orders and Adam amplifies the differences over tens of steps, hence 2% (a resume
-    # from the wrong checkpoint or on other samples is off by 10-30% at once).
+    # Up to the node loss the run is the reference to float noise. After 1- and 2-worker stretches the sums
+    # run in other orders and Adam amplifies the differences: on a slow machine the run goes on for 100+ steps
+    # and single late steps drifted 4% (a single-worker stretch of 50 steps). A resume from the wrong checkpoint
+    # or on other samples is off by 10-30% at once and stays off, so: every step within 6%, and the typical
+    # step (median) within 1%.
     np.testing.assert_allclose(losses[:down[0]["step"]], want[:down[0]["step"]], rtol=1e-4)
-    np.testing.assert_allclose(losses, want, rtol=2e-2)
+    np.testing.assert_allclose(losses, want, rtol=6e-2)
+    rel = np.abs(np.asarray(losses) - np.asarray(want)) / np.abs(np.asarray(want))
+    assert float(np.median(rel)) < 1e-2, f"median relative loss difference {np.median(rel):.2%}"

@@ -46,3 +46,24 @@ def test_train_transform_is_random_square_crop_and_seedable() -> None:
     assert not torch.equal(a[0], a[1])  # different crops within a run
     with pytest.raises(ValueError, match="scale"):
         TrainTransform(32, scale=(0.0, 1.0))
+
+
+def test_drop_words_keeps_order_and_never_empties() -> None:
+    import random
+
+    from clip_model.transforms import drop_words
+
+    caption = "a photo of a small red triangle."
+    assert drop_words(caption, 0.0, random.Random(0)) == caption
+    rng = random.Random(0)
+    outs = [drop_words(caption, 0.3, rng) for _ in range(2000)]
+    words = caption.split()
+    for out in outs:
+        kept = out.split()
+        assert kept  # never an empty caption
+        it = iter(words)
+        assert all(w in it for w in kept)  # a subsequence: order kept, nothing invented
+    # Each word is dropped at about the asked rate (binomial, n=2000: 0.3 +- 0.05 is > 4 sigma).
+    for w in ("red", "triangle."):
+        assert abs(sum(w not in o.split() for o in outs) / len(outs) - 0.3) < 0.05
+    assert drop_words("", 0.5, rng) == "" and drop_words("one", 0.999, rng) == "one"

@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 import tempfile
 
-from clip_model.export import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE
 from pipelines.core.storage import S3Options, Storage
 
 
 def local_checkpoint(uri: str, s3: S3Options | None = None) -> str:
     """A local path to load_export: s3:// checkpoints are downloaded to a fresh temp dir per process."""
+    from clip_model.export import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE  # torch: only when a checkpoint is read
+
     if not uri.startswith("s3://"):
         if not os.path.exists(uri):
             raise FileNotFoundError(f"checkpoint {uri}: no such file or directory")

@@ -1,5 +1,6 @@
 """Stage 3, dedup: exact and near duplicates, eval-set decontamination. See stage.py."""
 
-from pipelines.dedup.stage import DedupStageConfig, fingerprint_of, main, run
+from pipelines.core.lazy import lazy_exports
 
 __all__ = ["DedupStageConfig", "fingerprint_of", "main", "run"]
+__getattr__ = lazy_exports(__name__, "pipelines.dedup.stage", __all__)

@@ -31,6 +31,7 @@ from pipelines.core.cli import dump_yaml, run_command
 from pipelines.core.config import ConfigError, did_you_mean, load_config, to_dict
 from pipelines.demo.local_web import LocalWebServer, WebContent
 from pipelines.demo.synthetic import digit_samples, encode, shape_classnames, shape_samples
+from pipelines.demo.views import View, label_columns, views
 
 
 @dataclass
@@ -83,26 +84,21 @@ def build_web_content(cfg: DemoConfig, eval_dir: str) -> WebContent:
         images.append(train[i].image if exact else _near_copy(train[i].image, rng))
         captions.append(train[i].caption if exact else f"{train[i].caption} (reposted)")
         queries.append(train[i].label)
-    # Held-out eval sets. Shapes: Parquet sets labelled in the full label space of all colour-shape pairs, so
-    # a never-seen pair (a red triangle) must beat every seen neighbour ("red square", "orange triangle"), not
-    # only the other held-out pairs. Digits: an ImageFolder (also the set dedup decontaminates against).
+    # Held-out eval sets. Shapes: Parquet sets with a pair, a shape and a colour label per image (the views of
+    # pipelines/demo/views.py score each in its own label space; a never-seen pair such as a red triangle must
+    # beat every seen neighbour, "red square" and "orange triangle"). Digits: an ImageFolder (also the set
+    # dedup decontaminates against).
     names = shape_classnames()
     held = shape_samples(2 * cfg.eval_per_class * len(shape_classnames(True)), px=cfg.image_px,
                          seed=cfg.seed + 1, held_out=True)
     seen = shape_samples(cfg.eval_per_class * (len(names) - len(shape_classnames(True))), px=cfg.image_px,
                          seed=cfg.seed + 2)
     os.makedirs(eval_dir, exist_ok=True)
-    with open(os.path.join(eval_dir, "shape_classnames.json"), "w") as f:
-        json.dump(names, f)
-    # The same never-seen pairs scored among themselves only (4 names: colour alone can tell them apart).
-    held_names = shape_classnames(True)
-    with open(os.path.join(eval_dir, "shape_classnames_unseen.json"), "w") as f:
-        json.dump(held_names, f)
-    for name, samples, label_space in (("shapes_unseen_pairs", held, names), ("shapes_seen_pairs", seen, names),
-                                       ("shapes_unseen_pairs_4way", held, held_names)):
+    for name, samples in (("unseen", held), ("seen", seen)):
+        labels = label_columns(samples)
         pq.write_table(pa.table({"image": pa.array([s.image for s in samples], pa.binary()),
-                                 "label": pa.array([label_space.index(s.label) for s in samples], pa.int64())}),
-                       os.path.join(eval_dir, f"{name}.parquet"))
+                                 **{c: pa.array(v, pa.int64()) for c, v in labels.items()}}),
+                       os.path.join(eval_dir, f"shapes_{name}.parquet"))
     digits_test = digit_samples("test", px=cfg.image_px, seed=cfg.seed + 3)
     for j, s in enumerate(digits_test):
         d = os.path.join(eval_dir, "digits", s.label)
@@ -115,6 +111,19 @@ def build_web_content(cfg: DemoConfig, eval_dir: str) -> WebContent:
         captions.append(f"a scan of a handwritten {s.label}")
         queries.append(s.label)
     return WebContent(images, captions, queries)
+
+
+def _eval_job(view: View, work: str) -> str:
+    """One evaluate job (flow YAML) for a view: its image set, label column, class names and prompts."""
+    dataset = (f"imagefolder:{work}/eval/digits" if view.images == "digits"
+               else f"parquet:{work}/eval/shapes_{view.images}.parquet")
+    files = {}
+    for key, value in (("templates", list(view.templates)), ("classnames", list(view.classnames))):
+        files[key] = os.path.join(work, "eval", f"{key}_{view.name}.json")
+        with open(files[key], "w") as f:
+            json.dump(value, f)
+    return (f"{{name: {view.name}, dataset: '{dataset}', label_col: {view.label_col}, templates: '{files['templates']}', "
+            f"classnames: '{files['classnames']}', single_template: '{view.templates[0]}'}}")
 
 
 def _web_server(content: WebContent, port: int) -> LocalWebServer:
@@ -218,19 +227,7 @@ def _run(cfg: DemoConfig, run_args: list[str], work: str, s3, started: float) ->
     _banner("generating the web: shapes x colours x sizes x backgrounds, digits, duplicates, hostile cases")
     content = build_web_content(cfg, os.path.join(work, "eval"))
     root = s3.uri("run") if s3 else os.path.join(work, "stages")
-    jobs = []
-    shape_names = f"{work}/eval/shape_classnames.json"
-    for name, dataset, templates, classnames in (
-            ("shapes_unseen_pairs", f"parquet:{work}/eval/shapes_unseen_pairs.parquet", SHAPE_TEMPLATES, shape_names),
-            ("shapes_seen_pairs", f"parquet:{work}/eval/shapes_seen_pairs.parquet", SHAPE_TEMPLATES, shape_names),
-            ("shapes_unseen_pairs_4way", f"parquet:{work}/eval/shapes_unseen_pairs_4way.parquet", SHAPE_TEMPLATES,
-             f"{work}/eval/shape_classnames_unseen.json"),
-            ("digits", f"imagefolder:{work}/eval/digits", DIGIT_TEMPLATES, None)):
-        tfile = os.path.join(work, f"templates_{name}.json")
-        with open(tfile, "w") as f:
-            json.dump(templates, f)
-        jobs.append(f"{{name: {name}, dataset: '{dataset}', templates: '{tfile}'"
-                    + (f", classnames: '{classnames}'}}" if classnames else "}"))
+    jobs = [_eval_job(v, work) for v in views()]
     with _web_server(content, cfg.web_port) as web:
         url_list = os.path.join(work, "urls.parquet")
         _write_if_changed(url_list, pa.Table.from_pylist(web.url_list(hostile=True)))
@@ -273,13 +270,6 @@ def _run(cfg: DemoConfig, run_args: list[str], work: str, s3, started: float) ->
                   indent=2)
     print(f"\nreport: {work}/report.html (also {out['report']}); demo finished in {time.time() - started:.0f} s",
           flush=True)
-
-
-# Prompt ensembles for the demo's label spaces (the paper's "a photo of a {}." is the single template,
-# which the evaluation always reports beside the ensemble).
-SHAPE_TEMPLATES = ["a photo of a {}.", "a {} on a white background", "an image of a {}", "a drawing of a {}",
-                   "a small {}.", "a large {}."]
-DIGIT_TEMPLATES = ["a photo of the number {}.", "the digit {}", "a handwritten {}", "a scanned image of the number {}"]
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pipelines.core.runtime import RayConfig
 from pipelines.core.stage import Stage, Wiring
 from pipelines.core.storage import S3Options, Storage
 from pipelines.evaluate.sets import check_dataset
-from pipelines.evaluate.stage import TASKS, EvalConfig, evaluate
+from pipelines.evaluate.stage import SINGLE_TEMPLATE, TASKS, EmbeddingCache, EvalConfig, evaluate
 
 
 @dataclass
@@ -33,6 +33,11 @@ class EvalJob:
     classnames: str | None = None
     # "openai-imagenet" (the paper's 80), "simple", or a JSON/text file of templates.
     templates: str = "openai-imagenet"
+    # The template scored alone beside the ensemble.
+    single_template: str = SINGLE_TEMPLATE
+    # Parquet sets: the integer label column. Jobs on the same set with different label columns (pair, shape,
+    # colour of the same images) share one embedding pass.
+    label_col: str = "label"
     # Paper section 5: split the eval set into Clean / Overlap against this run's training shards.
     overlap: bool = False
     overlap_hamming: int = 8
@@ -71,6 +76,7 @@ def job_config(cfg: EvaluateStageConfig, job: EvalJob) -> EvalConfig:
     export = Storage.from_uri(cfg.train, cfg.s3).uri("export")
     return EvalConfig(checkpoint=export, dataset=job.dataset, output=Storage.from_uri(cfg.output, cfg.s3).uri(job.name),
                       task=job.task, classnames=job.classnames, templates=job.templates,
+                      single_template=job.single_template, label_col=job.label_col,
                       train_manifest=cfg.shards if job.overlap else None, overlap_hamming=job.overlap_hamming,
                       probe_train=job.probe_train, batch_size=job.batch_size, workers=job.workers, s3=cfg.s3,
                       ray=cfg.ray)
@@ -98,14 +104,19 @@ def run(cfg: EvaluateStageConfig) -> Manifest:
     fp = fingerprint_of(cfg)
     out = Storage.from_uri(cfg.output, cfg.s3)
     files, images, results = [], 0, {}
+    cache = EmbeddingCache()
     for job in cfg.jobs:
-        r = evaluate(job_config(cfg, job))
+        cols = cache.label_cols.setdefault(job.dataset, [])
+        if job.label_col not in cols:
+            cols.append(job.label_col)
+    for job in cfg.jobs:
+        r = evaluate(job_config(cfg, job), cache)
         results[job.name] = {k: r[k] for k in ("task", "top1", "top5", "n", "mean_per_class") if k in r}
         images += int(r.get("n") or r.get("n_images") or 0)
         job_dir = Storage.from_uri(out.uri(job.name), cfg.s3)
         files += [{"path": f"{job.name}/{p}", "rows": 0, "bytes": job_dir.size(p)} for p in job_dir.list("")]
     manifest = Manifest(stage="evaluate", fingerprint=fp, files=files, rows_in=images, rows_out=images,
-                        config={"jobs": [to_dict(j) for j in cfg.jobs]}, extra={"results": results},
+                        config={"jobs": [to_dict(j) for j in cfg.jobs]}, extra={"results": results, "embedding_passes": cache.passes},
                         timings={"total_s": round(time.time() - started, 3)})
     write_manifest(out, "", manifest)
     return manifest

@@ -89,8 +89,10 @@ def _single_parquet_file(path: str, s3: S3Options | None) -> tuple[Storage, list
     return (st, [base]) if st.fs.get_file_info(st.fs_path(base)).type == pafs.FileType.File else None
 
 
-def read_eval_set(es: EvalSet):
-    """A Ray Dataset with image, label, id; reading is spread over the cluster."""
+def read_eval_set(es: EvalSet, extra_label_cols: tuple[str, ...] = ()):
+    """A Ray Dataset with image, label, id; reading is spread over the cluster. Parquet sets also carry
+    `extra_label_cols` (as `label:<col>`, int64, null -> -1): other label spaces of the same images, so one
+    embedding pass serves several zero-shot views (see evaluate.stage.EmbeddingCache)."""
     import ray.data
 
     if es.kind == "imagefolder":
@@ -105,9 +107,10 @@ def read_eval_set(es: EvalSet):
 
         return ds.map_batches(add_labels, batch_format="pyarrow", **data_args())
     image_col, label_col = es.image_col, es.label_col
+    extra = [c for c in dict.fromkeys(extra_label_cols) if c not in (label_col, image_col)]
     paths = [es.storage.fs_path(f) for f in es.files]
     ds = (ray.data.read_parquet(paths, filesystem=es.storage.fs, ray_remote_args=data_args())
-          .select_columns([image_col, label_col]))
+          .select_columns([image_col, label_col, *extra]))
     n_classes = len(es.classnames)
 
     def normalise(batch: pa.Table) -> pa.Table:
@@ -115,8 +118,11 @@ def read_eval_set(es: EvalSet):
         bad = [x for x in labels if x is None or not 0 <= int(x) < n_classes]
         if bad:
             raise ValueError(f"eval set {es.name}: labels {bad[:5]} outside [0, {n_classes}) of the class-name list")
-        return pa.table({"image": batch.column(image_col), "label": pa.array(labels, pa.int64()),
-                         "id": pa.array([f"{es.name}:" + hashlib.sha1(b).hexdigest()[:16]
-                                         for b in batch.column(image_col).to_pylist()], pa.string())})
+        cols = {"image": batch.column(image_col), "label": pa.array(labels, pa.int64()),
+                "id": pa.array([f"{es.name}:" + hashlib.sha1(b).hexdigest()[:16]
+                                for b in batch.column(image_col).to_pylist()], pa.string())}
+        for c in extra:
+            cols[f"label:{c}"] = pa.array([-1 if v is None else int(v) for v in batch.column(c).to_pylist()], pa.int64())
+        return pa.table(cols)
 
     return ds.map_batches(normalise, batch_format="pyarrow", **data_args())

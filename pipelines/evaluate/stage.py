@@ -10,8 +10,8 @@ load the checkpoint once); only (id, label, embedding[, phash]) rows reach the d
 tower runs on the driver: class names x templates are few, captions are small.
 
 Tasks and their data:
-- zeroshot: the single template "a photo of a {}." and the chosen template set (ensemble) side by
-  side; top-level `top1`/`top5` are the chosen set's.
+- zeroshot: one template (`single_template`, the paper's "a photo of a {}.") and the chosen template
+  set (ensemble) side by side; top-level `top1`/`top5` are the chosen set's.
 - linear-probe: with `probe_train=DATASET` the probe trains on that set and tests on `dataset`;
   without it `dataset` is split deterministically (rows ordered by id, stratified, seeded) into
   train/test (`probe.test_fraction`), and a validation split of the train rows picks C
@@ -78,6 +78,8 @@ class EvalConfig:
     classnames: str | None = None
     # Prompt templates for the ensemble: "openai-imagenet" (the paper's 80), "simple", or a file.
     templates: str = "openai-imagenet"
+    # The one template scored beside the ensemble (the paper's; a label space of colours may want another).
+    single_template: str = SINGLE_TEMPLATE
     # A committed stage output with a phash column (e.g. the shard stage): enables overlap analysis.
     train_manifest: str | None = None
     # Eval image counts as Overlap when a training phash is within this many bits (dedup's default).
@@ -116,6 +118,8 @@ class EvalConfig:
             raise ValueError(f"evaluate batch_size must be >= 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"evaluate workers must be >= 1, got {self.workers}")
+        if self.single_template.count("{}") != 1:
+            raise ValueError(f"evaluate single_template must hold one '{{}}', got {self.single_template!r}")
         if self.train_manifest and self.task == "retrieval":
             raise ValueError("evaluate train_manifest: the overlap analysis reports classification accuracy; "
                              "use it with task=zeroshot or task=linear-probe")
@@ -181,7 +185,28 @@ class Embedded:
 
     ids: list[str]
     embeddings: np.ndarray  # N, D float32, unit norm
-    columns: dict[str, np.ndarray]  # label / caption / phash, aligned with ids
+    columns: dict[str, np.ndarray]  # label / caption / phash / label:<col>, aligned with ids
+    label_col: str = "label"  # the eval set's column that `label` holds
+
+    def relabelled(self, label_col: str) -> "Embedded":
+        """The same rows with `label` taken from another label column read in the same pass."""
+        if label_col == self.label_col:
+            return self
+        key = f"label:{label_col}"
+        if key not in self.columns:
+            raise KeyError(f"label column {label_col!r} was not read with these embeddings")
+        return Embedded(self.ids, self.embeddings, {**self.columns, "label": self.columns[key]}, label_col)
+
+
+@dataclass
+class EmbeddingCache:
+    """Image embeddings shared by the evaluation jobs of one stage run: jobs on the same eval set and weights
+    (several label spaces of the same images, e.g. pair / shape / colour) embed it once. `label_cols` names,
+    per dataset, every label column some job reads, so the first pass carries them all."""
+
+    label_cols: dict[str, list[str]] = field(default_factory=dict)
+    entries: dict[tuple, Embedded] = field(default_factory=dict)
+    passes: int = 0  # embedding passes actually run (the rest were shared)
 
 
 def _workers(cfg: EvalConfig) -> int:
@@ -203,7 +228,7 @@ def embed(ds: Any, cfg: EvalConfig, with_phash: bool) -> Embedded:
     cols = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
     order = np.argsort(cols["id"].astype(str), kind="stable")
     cols = {k: v[order] for k, v in cols.items()}
-    return Embedded([str(i) for i in cols.pop("id")], cols.pop("embedding").astype(np.float32), cols)
+    return Embedded([str(i) for i in cols.pop("id")], cols.pop("embedding").astype(np.float32), cols, cfg.label_col)
 
 
 def _open_classification_set(spec: str, cfg: EvalConfig, classnames: list[str] | None) -> EvalSet:
@@ -243,7 +268,7 @@ def _named(metrics: dict, classnames: list[str]) -> dict:
 
 
 def run_zeroshot(emb: Embedded, model: Any, tokenizer: Any, classnames: list[str], templates: list[str],
-                 spec: str) -> tuple[dict, torch.Tensor]:
+                 spec: str, single_template: str = SINGLE_TEMPLATE) -> tuple[dict, torch.Tensor]:
     """Results and the per-image correctness of the chosen (ensemble) templates."""
     labels = _labels(emb, classnames, spec)
     img = torch.from_numpy(emb.embeddings)
@@ -252,7 +277,7 @@ def run_zeroshot(emb: Embedded, model: Any, tokenizer: Any, classnames: list[str
         return tokenizer(texts, context_length=model.context_length)
 
     modes, correct = {}, None
-    for mode, temps in (("single", [SINGLE_TEMPLATE]), ("ensemble", templates)):
+    for mode, temps in (("single", [single_template]), ("ensemble", templates)):
         weights = build_classifier(model.encode_text, tokenize, classnames, temps)  # D, C
         logits = img @ weights  # N, C; the logit scale changes no ranking
         modes[mode] = {"templates": len(temps), **_named(classification_metrics(logits, labels, len(classnames)),
@@ -376,9 +401,9 @@ def overlap_report(correct: torch.Tensor, overlap: np.ndarray, ids: list[str]) -
 
 # ---------------------------------------------------------------- the job
 
-def evaluate(cfg: EvalConfig) -> dict:
+def evaluate(cfg: EvalConfig, cache: EmbeddingCache | None = None) -> dict:
     """Run one task; commits OUTPUT (local or s3://): results.json, the PNG plots and _manifest.json last.
-    Returns the results."""
+    Returns the results. With `cache`, the image embeddings are shared with other jobs on the same set."""
     started, timings = time.time(), {}
     # Fail on bad input before any Ray work starts.
     checkpoint = local_checkpoint(cfg.checkpoint, cfg.s3)
@@ -394,7 +419,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         results.update(run_retrieval(cfg, model, tokenizer))
         timings["retrieval_s"] = round(time.time() - t0, 3)
     else:
-        results.update(_classification(cfg, model, tokenizer, classnames, templates, train, timings))
+        results.update(_classification(cfg, model, tokenizer, classnames, templates, train, timings, cache))
     results["config"] = to_dict(cfg)
     results["timings"] = {**timings, "total_s": round(time.time() - started, 3)}
     files = {}
@@ -456,20 +481,21 @@ def commit_results(out: Storage, files: dict[str, bytes], results: dict, fp: str
 
 def _classification(cfg: EvalConfig, model: Any, tokenizer: Any, classnames: list[str] | None,
                      templates: list[str], train_manifest: tuple[Storage, Manifest] | None,
-                     timings: dict[str, float]) -> dict:
+                     timings: dict[str, float], cache: EmbeddingCache | None = None) -> dict:
     es = _open_classification_set(cfg.dataset, cfg, classnames)
     train_es = _open_classification_set(cfg.probe_train, cfg, classnames) if cfg.probe_train else None
     if train_es is not None and train_es.classnames != es.classnames:
         raise ValueError(f"--probe-train {cfg.probe_train} has classes {train_es.classnames[:5]}... but --dataset "
                          f"{cfg.dataset} has {es.classnames[:5]}...: they must be the same list")
     t0 = time.time()
-    emb = embed(read_eval_set(es), cfg, with_phash=bool(cfg.train_manifest))
+    emb = _embedded(es, cfg, cache)
     train = embed(read_eval_set(train_es), cfg, False) if train_es else None
     timings["embed_s"] = round(time.time() - t0, 3)
     t0 = time.time()
     out: dict[str, Any] = {"n": len(emb.ids), "classnames": es.classnames}
     if cfg.task == "zeroshot":
-        res, correct = run_zeroshot(emb, model, tokenizer, es.classnames, templates, cfg.dataset)
+        res, correct = run_zeroshot(emb, model, tokenizer, es.classnames, templates, cfg.dataset,
+                                    cfg.single_template)
         test_idx = np.arange(len(emb.ids))
         out["templates"] = cfg.templates
     else:
@@ -483,6 +509,19 @@ def _classification(cfg: EvalConfig, model: Any, tokenizer: Any, classnames: lis
         out["overlap"]["hamming"] = cfg.overlap_hamming
         timings["overlap_s"] = round(time.time() - t0, 3)
     return out
+
+
+def _embedded(es: EvalSet, cfg: EvalConfig, cache: EmbeddingCache | None) -> Embedded:
+    """The eval set's embeddings: from the cache when another job on the same images already ran."""
+    with_phash = bool(cfg.train_manifest)
+    if cache is None:
+        return embed(read_eval_set(es), cfg, with_phash)
+    key = (cfg.dataset, cfg.checkpoint, cfg.activation, cfg.image_col, with_phash)
+    if key not in cache.entries:
+        extra = tuple(cache.label_cols.get(cfg.dataset, ())) if es.kind == "parquet" else ()
+        cache.entries[key] = embed(read_eval_set(es, extra), cfg, with_phash)
+        cache.passes += 1
+    return cache.entries[key].relabelled(cfg.label_col)
 
 
 def _plots(results: dict, output: str) -> list[str]:
