@@ -56,6 +56,19 @@ def _random_crops(x: torch.Tensor, scale: tuple[float, float], gen: torch.Genera
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def _random_gray(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """Replace a fraction p of the (normalised) images by their luma, normalised back."""
+    if p <= 0:
+        return x
+    from clip_model.transforms import OPENAI_MEAN, OPENAI_STD
+
+    mean, std = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+    rgb = x * std + mean
+    luma = (0.299 * rgb[:, :1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:]).expand_as(rgb)
+    pick = (torch.rand(x.shape[0], generator=gen) < p).view(-1, 1, 1, 1)
+    return torch.where(pick, (luma - mean) / std, x)
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
@@ -94,7 +107,7 @@ def run(args: argparse.Namespace) -> dict:
         order = torch.randperm(n, generator=gen)
         for i in range(steps_per_epoch):
             idx = order[i * args.batch:(i + 1) * args.batch]
-            x = _random_crops(images[idx], tuple(args.crop_scale), gen)
+            x = _random_gray(_random_crops(images[idx], tuple(args.crop_scale), gen), args.gray, gen)
             caps = [drop_words(captions[j], args.word_dropout, rng) for j in idx.tolist()]
             tokens = tok(caps, context_length=ctx)
             img, txt, scale = model(x, tokens)
@@ -105,7 +118,7 @@ def run(args: argparse.Namespace) -> dict:
             opt.step()
             sched.step()
             clamp_logit_scale_(model)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     train_s = time.time() - t0
     views = evaluate(model, tok, ctx, cfg.vision.image_size, px)
     return {"name": args.name, "settings": {k: v for k, v in vars(args).items() if k not in ("name", "report")},
@@ -135,14 +148,16 @@ def evaluate(model, tok, ctx: int, size: int, px: int) -> dict:
 
 
 def report() -> None:
+    """Every run so far as a Markdown table (docs/experiments.md): single / ensemble top-1 per view."""
     rows = [json.loads(line) for line in open(OUT)] if os.path.exists(OUT) else []
-    names = None
+    if not rows:
+        return
+    names = list(rows[0]["views"])
+    print("| run | steps | " + " | ".join(names) + " | train s |")
+    print("|---|---|" + "---|" * len(names) + "---|")
     for r in rows:
-        names = names or list(r["views"])
-        cells = " ".join(f"{r['views'][k]['single']:.2f}/{r['views'][k]['ensemble']:.2f}" for k in names)
-        print(f"{r['name']:<28} {cells} {r['train_s']:>6.0f}s")
-    if names:
-        print("columns (single/ensemble top-1):", ", ".join(names))
+        cells = " | ".join(f"{r['views'][k]['single']:.0%} / {r['views'][k]['ensemble']:.0%}" for k in names)
+        print(f"| {r['name']} | {r['steps']} | {cells} | {r['train_s']:.0f} |")
 
 
 def main() -> None:
@@ -164,6 +179,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--crop-scale", type=float, nargs=2, default=(0.9, 1.0))
     p.add_argument("--word-dropout", type=float, default=0.0)
+    p.add_argument("--gray", type=float, default=0.0, help="random grayscale probability")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()

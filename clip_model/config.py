@@ -157,10 +157,12 @@ _TINY: dict[str, ClipConfig] = {
     ),
     # The demo's model. On the demo's shapes (20 epochs, same data, plain PyTorch) tiny-vit learned colour
     # (98-100% right) but not shape (19-34%: chance is 17%) at 32 or 64 px, patch 8 or 4, text width 64
-    # or 128; this small ResNet with a 2-head text tower got shape 66%, colour 99%, digits 93%.
+    # or 128. A ResNet of stem width 8, one block per stage, at 64 px named 54-60% of never-seen colour-shape
+    # pairs among all 36 names; width 16, two blocks per stage, at 32 px (about the same compute) 81-84%
+    # (docs/experiments.md, issue 16).
     "demo-rn": ClipConfig(
         embed_dim=64,
-        vision=VisionConfig(image_size=64, layers=(1, 1, 1, 1), width=8, patch_size=None),
+        vision=VisionConfig(image_size=32, layers=(2, 2, 2, 2), width=16, patch_size=None),
         text=TextConfig(context_length=32, width=128, layers=2),
     ),
     # A little larger: 4 layers of width 128 in each tower at 64 px.

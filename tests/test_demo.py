@@ -77,3 +77,26 @@ def test_rerun_keeps_the_url_list_and_port_so_stages_are_reused(tmp_path, capsys
         free = s.getsockname()[1]
     with _web_server(WebContent(), free) as web:
         assert web.base_url == f"http://127.0.0.1:{free}"
+
+
+def test_view_jobs_label_each_set_in_its_own_order(tmp_path) -> None:
+    """Each view's evaluate job: a Parquet set with its label column and its class-name list; the digits
+    ImageFolder with no list, since its labels follow the sorted folder names (a list in DIGIT_NAMES order,
+    zero..nine, would name every digit wrongly: the folders sort as eight, five, four, ...)."""
+    import json
+
+    import yaml
+
+    from pipelines.demo.stage import _eval_job
+
+    (tmp_path / "eval").mkdir()
+    for view in views():
+        job = yaml.safe_load(_eval_job(view, str(tmp_path)))
+        assert job["name"] == view.name and job["label_col"] == view.label_col
+        assert json.loads(open(job["templates"]).read()) == list(view.templates)
+        assert job["single_template"] == view.templates[0]
+        if view.images == "digits":
+            assert job["dataset"].startswith("imagefolder:") and "classnames" not in job
+        else:
+            assert job["dataset"].endswith(f"shapes_{view.images}.parquet")
+            assert json.loads(open(job["classnames"]).read()) == list(view.classnames)

@@ -118,12 +118,15 @@ def _eval_job(view: View, work: str) -> str:
     dataset = (f"imagefolder:{work}/eval/digits" if view.images == "digits"
                else f"parquet:{work}/eval/shapes_{view.images}.parquet")
     files = {}
-    for key, value in (("templates", list(view.templates)), ("classnames", list(view.classnames))):
+    # An ImageFolder's labels follow its sorted folder names, which are the class names: no list to pass.
+    named = [] if view.images == "digits" else [("classnames", list(view.classnames))]
+    for key, value in [("templates", list(view.templates)), *named]:
         files[key] = os.path.join(work, "eval", f"{key}_{view.name}.json")
         with open(files[key], "w") as f:
             json.dump(value, f)
-    return (f"{{name: {view.name}, dataset: '{dataset}', label_col: {view.label_col}, templates: '{files['templates']}', "
-            f"classnames: '{files['classnames']}', single_template: '{view.templates[0]}'}}")
+    classnames = f", classnames: '{files['classnames']}'" if "classnames" in files else ""
+    return (f"{{name: {view.name}, dataset: '{dataset}', label_col: {view.label_col}, templates: '{files['templates']}'"
+            f"{classnames}, single_template: '{view.templates[0]}'}}")
 
 
 def _web_server(content: WebContent, port: int) -> LocalWebServer:
@@ -255,7 +258,7 @@ def _run(cfg: DemoConfig, run_args: list[str], work: str, s3, started: float) ->
     from pipelines.core.storage import Storage
 
     ev = Storage.from_uri(out["dirs"]["evaluate"], run_cfg.s3)
-    print(f"{'eval set':<22} {'classes':>8} {'images':>7} {'single template top1':>22} {'ensemble top1':>15} "
+    print(f"{'view':<22} {'classes':>8} {'images':>7} {'single template top1':>22} {'ensemble top1':>15} "
           f"{'ensemble top5':>15}")
     for job in run_cfg.evaluate:
         r = json.loads(ev.read_bytes(f"{job.name}/results.json"))

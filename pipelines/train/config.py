@@ -46,10 +46,6 @@ class TrainDataConfig:
     # Random square crop covering this fraction of the image area, seeded per sample by (seed, epoch, key);
     # [1.0, 1.0] disables augmentation (the tests compare against a single-process run without it).
     crop_scale: tuple[float, float] = (0.9, 1.0)
-    # Caption word dropout (clip_model.transforms.drop_words): each word of a caption is left out with this
-    # probability, seeded per sample like the crop. A text augmentation: every shorter caption is still true,
-    # so a concept is also seen without the words that always came with it (issue 16); 0 disables it.
-    caption_word_dropout: float = 0.0
     # The order's read unit: each shard file splits into chunks of this many rows, and an epoch permutes
     # the chunks (match shard.row_group_size: a chunk is then one Parquet row group).
     chunk_rows: int = 256
@@ -66,8 +62,6 @@ class TrainDataConfig:
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"data.crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
-        if not 0.0 <= self.caption_word_dropout < 1.0:
-            raise ValueError(f"data.caption_word_dropout must be in [0, 1), got {self.caption_word_dropout}")
         if self.chunk_rows < 1 or self.shuffle_window_rows < self.chunk_rows:
             raise ValueError("data.chunk_rows must be >= 1 and data.shuffle_window_rows >= data.chunk_rows")
         if self.loaders_per_worker < 1 or self.loader_num_cpus <= 0 or self.prefetch_steps < 1:

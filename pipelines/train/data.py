@@ -28,7 +28,6 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
-import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -172,7 +171,6 @@ class InputSpec:
     context_length: int
     crop_scale: tuple[float, float]
     seed: int
-    caption_word_dropout: float = 0.0
     # Decoded row groups a loader keeps (reads of neighbouring steps hit the same chunks).
     cache_row_groups: int = 64
 
@@ -231,7 +229,7 @@ class SliceLoader:
         return keys, images, captions
 
     def load(self, step: int, rank: int, world: int) -> dict[str, np.ndarray]:
-        from clip_model.transforms import TrainTransform, drop_words
+        from clip_model.transforms import TrainTransform
 
         start = time.perf_counter()
         keys, images, captions = self._take(self.plan.worker_rows(step, rank, world))
@@ -239,9 +237,6 @@ class SliceLoader:
         pixels = np.stack([TrainTransform(s.image_size, scale=tuple(s.crop_scale),
                                           seed=sample_seed(s.seed, epoch, k))(img).numpy()
                            for k, img in zip(keys, images)])  # B, 3, S, S
-        if s.caption_word_dropout > 0:
-            captions = [drop_words(str(c), s.caption_word_dropout, random.Random(sample_seed(s.seed, epoch, k) ^ 1))
-                        for k, c in zip(keys, captions)]
         tokens = load_tokenizer()([str(c) for c in captions], context_length=s.context_length).numpy()  # B, ctx
         return {"step": np.int64(step), "key": np.asarray(keys), "image": pixels.astype(np.float32, copy=False),
                 "tokens": tokens.astype(np.int64, copy=False), "load_s": np.float64(time.perf_counter() - start)}

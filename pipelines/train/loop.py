@@ -333,8 +333,7 @@ def _feeder(cfg: TrainConfig, files: list[str], plan: SamplePlan, rank: int, wor
     mcfg = cfg.model_config()
     spec = InputSpec(manifest=cfg.data.manifest, s3=cfg.data.s3, files=tuple(files),
                      image_size=mcfg.vision.image_size, context_length=mcfg.text.context_length,
-                     crop_scale=tuple(cfg.data.crop_scale), seed=cfg.seed,
-                     caption_word_dropout=cfg.data.caption_word_dropout)
+                     crop_scale=tuple(cfg.data.crop_scale), seed=cfg.seed)
     return StepFeeder(spec, plan, rank, world, start, stop, loaders=cfg.data.loaders_per_worker,
                       cpus=cfg.data.loader_num_cpus, prefetch=cfg.data.prefetch_steps,
                       resources=cfg.ray.data_resources)
