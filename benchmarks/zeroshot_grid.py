@@ -88,6 +88,8 @@ def run(args: argparse.Namespace) -> dict:
     overrides["vision"] = vision
     if args.embed_dim:
         overrides["embed_dim"] = args.embed_dim
+    if args.loss == "siglip":
+        overrides["init_logit_bias"] = -10.0  # as TrainConfig sets it for siglip
     cfg = get_config(args.model, **overrides)
     model = build_model(cfg)
     tok = load_tokenizer()
@@ -99,7 +101,7 @@ def run(args: argparse.Namespace) -> dict:
     total = steps_per_epoch * args.epochs
     opt = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(args.warmup, total, 0.0))
-    loss_fn = build_loss("clip")
+    loss_fn = build_loss(args.loss)
     t0 = time.time()
     losses = []
     model.train()
@@ -111,7 +113,7 @@ def run(args: argparse.Namespace) -> dict:
             caps = [drop_words(captions[j], args.word_dropout, rng) for j in idx.tolist()]
             tokens = tok(caps, context_length=ctx)
             img, txt, scale = model(x, tokens)
-            loss = loss_fn(img, txt, scale)
+            loss = loss_fn(img, txt, scale, model.logit_bias)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -178,6 +180,7 @@ def main() -> None:
     p.add_argument("--wd", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--crop-scale", type=float, nargs=2, default=(0.9, 1.0))
+    p.add_argument("--loss", choices=["clip", "siglip"], default="clip")
     p.add_argument("--word-dropout", type=float, default=0.0)
     p.add_argument("--gray", type=float, default=0.0, help="random grayscale probability")
     p.add_argument("--seed", type=int, default=0)
