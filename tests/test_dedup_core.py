@@ -337,7 +337,6 @@ def test_images_differing_only_in_colour_are_not_merged_nor_decontaminated(ray_c
             assert got.get(k) == "eval_overlap"
         elif kind != "original":  # re-encodes and resizes merge (with their original, or its same-colour twin)
             assert got.get(k) == "near_dup_image", by_key[k]["caption"]
-    kept_originals = sum(variant[k] == "original" and k not in got for k in variant)
     assert sum(r == "eval_overlap" for r in got.values()) == 1
 
     # The eval rule without Ray: with the colour check only the leak matches; phash alone also takes the
