@@ -15,6 +15,7 @@ pairs, and digits.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -77,19 +78,10 @@ def run(args: argparse.Namespace) -> dict:
     train = shape_samples(args.shapes, px=px, seed=0)
     if args.digits:
         train += digit_samples("train", px=px, seed=0)
-    overrides = {}
-    cfg = get_config(args.model)
-    vision = cfg.vision
-    if args.vision_width:
-        vision = type(vision)(**{**vision.__dict__, "width": args.vision_width})
-    if args.vision_layers:
-        vision = type(vision)(**{**vision.__dict__, "layers": tuple(int(v) for v in args.vision_layers.split(","))})
-    vision = type(vision)(**{**vision.__dict__, "image_size": args.model_px or vision.image_size})
-    overrides["vision"] = vision
-    if args.embed_dim:
-        overrides["embed_dim"] = args.embed_dim
-    if args.loss == "siglip":
-        overrides["init_logit_bias"] = -10.0  # as TrainConfig sets it for siglip
+    vision = get_config(args.model).vision
+    changes = {"width": args.vision_width or None, "image_size": args.model_px or None,
+               "layers": tuple(int(v) for v in args.vision_layers.split(",")) if args.vision_layers else None}
+    overrides: dict = {"vision": dataclasses.replace(vision, **{k: v for k, v in changes.items() if v is not None})}
     cfg = get_config(args.model, **overrides)
     model = build_model(cfg)
     tok = load_tokenizer()

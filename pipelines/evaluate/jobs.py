@@ -106,9 +106,7 @@ def run(cfg: EvaluateStageConfig) -> Manifest:
     files, images, results = [], 0, {}
     cache = EmbeddingCache()
     for job in cfg.jobs:
-        cols = cache.label_cols.setdefault(job.dataset, [])
-        if job.label_col not in cols:
-            cols.append(job.label_col)
+        cache.add_job(job.dataset, job.label_col)
     for job in cfg.jobs:
         r = evaluate(job_config(cfg, job), cache)
         results[job.name] = {k: r[k] for k in ("task", "top1", "top5", "n", "mean_per_class") if k in r}
@@ -116,7 +114,8 @@ def run(cfg: EvaluateStageConfig) -> Manifest:
         job_dir = Storage.from_uri(out.uri(job.name), cfg.s3)
         files += [{"path": f"{job.name}/{p}", "rows": 0, "bytes": job_dir.size(p)} for p in job_dir.list("")]
     manifest = Manifest(stage="evaluate", fingerprint=fp, files=files, rows_in=images, rows_out=images,
-                        config={"jobs": [to_dict(j) for j in cfg.jobs]}, extra={"results": results, "embedding_passes": cache.passes},
+                        config={"jobs": [to_dict(j) for j in cfg.jobs]},
+                        extra={"results": results, "embedding_passes": cache.passes},
                         timings={"total_s": round(time.time() - started, 3)})
     write_manifest(out, "", manifest)
     return manifest

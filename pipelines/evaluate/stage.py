@@ -26,6 +26,7 @@ Tasks and their data:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -207,6 +208,14 @@ class EmbeddingCache:
     label_cols: dict[str, list[str]] = field(default_factory=dict)
     entries: dict[tuple, Embedded] = field(default_factory=dict)
     passes: int = 0  # embedding passes actually run (the rest were shared)
+    # (checkpoint, activation) -> (local path, model, tokenizer): an s3:// export is downloaded and loaded once.
+    models: dict[tuple[str, str | None], tuple[str, Any, Any]] = field(default_factory=dict)
+
+    def add_job(self, dataset: str, label_col: str) -> None:
+        """Declare a job before any runs, so the first pass over `dataset` reads every label column needed."""
+        cols = self.label_cols.setdefault(dataset, [])
+        if label_col not in cols:
+            cols.append(label_col)
 
 
 def _workers(cfg: EvalConfig) -> int:
@@ -406,8 +415,7 @@ def evaluate(cfg: EvalConfig, cache: EmbeddingCache | None = None) -> dict:
     Returns the results. With `cache`, the image embeddings are shared with other jobs on the same set."""
     started, timings = time.time(), {}
     # Fail on bad input before any Ray work starts.
-    checkpoint = local_checkpoint(cfg.checkpoint, cfg.s3)
-    model, tokenizer = load_export(checkpoint, activation=cfg.activation)
+    checkpoint, model, tokenizer = _load_model(cfg, cache)
     templates = load_templates(cfg.templates) if cfg.task == "zeroshot" else []
     classnames = load_classnames(cfg.classnames) if cfg.classnames else None
     train = read_committed(cfg.train_manifest, cfg.s3, "train_manifest", column="phash") if cfg.train_manifest else None
@@ -452,8 +460,13 @@ def fingerprint_of(cfg: EvalConfig, checkpoint: str, train: Manifest | None) -> 
 
 
 def _sha256_file(path: str) -> str:
-    import hashlib
+    st = os.stat(path)
+    return _sha256_of(path, st.st_size, st.st_mtime_ns)
 
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    """The file's sha256, once per (path, size, mtime): the jobs of a stage run hash the same weights."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -511,6 +524,18 @@ def _classification(cfg: EvalConfig, model: Any, tokenizer: Any, classnames: lis
     return out
 
 
+def _load_model(cfg: EvalConfig, cache: EmbeddingCache | None) -> tuple[str, Any, Any]:
+    """(local checkpoint path, model, tokenizer); shared through the cache by the jobs of one stage run."""
+    key = (cfg.checkpoint, cfg.activation)
+    if cache is not None and key in cache.models:
+        return cache.models[key]
+    checkpoint = local_checkpoint(cfg.checkpoint, cfg.s3)
+    loaded = (checkpoint, *load_export(checkpoint, activation=cfg.activation))
+    if cache is not None:
+        cache.models[key] = loaded
+    return loaded
+
+
 def _embedded(es: EvalSet, cfg: EvalConfig, cache: EmbeddingCache | None) -> Embedded:
     """The eval set's embeddings: from the cache when another job on the same images already ran."""
     with_phash = bool(cfg.train_manifest)
@@ -519,6 +544,8 @@ def _embedded(es: EvalSet, cfg: EvalConfig, cache: EmbeddingCache | None) -> Emb
     key = (cfg.dataset, cfg.checkpoint, cfg.activation, cfg.image_col, with_phash)
     if key not in cache.entries:
         extra = tuple(cache.label_cols.get(cfg.dataset, ())) if es.kind == "parquet" else ()
+        if extra:  # other jobs' label columns: a missing one is named here, not in a Ray task
+            _require_columns(es, list(extra), cfg.dataset)
         cache.entries[key] = embed(read_eval_set(es, extra), cfg, with_phash)
         cache.passes += 1
     return cache.entries[key].relabelled(cfg.label_col)
