@@ -103,3 +103,50 @@ def test_clip_score_filter_uses_a_checkpoint(tmp_path) -> None:
     m2 = run(load_config(FilterStageConfig, None, [*base[:1], f"output.path={out}2", *base[2:],
                                                    f"rules.min_clip_score={threshold}"]))
     assert m2.rejected == {"clip_score_low": 6}
+
+
+def test_clip_score_activation_key(tmp_path) -> None:
+    """A GELU checkpoint in open_clip's format that records no activation: the filter's scorer stops with an error
+    naming rules.clip_score_activation; with it set to gelu the scores are the cosines of evaluate's embeddings
+    (same loader, same image and text paths); and the key is validated and counts in the fingerprint."""
+    import numpy as np
+    import torch
+
+    from clip_model import build_model, get_config
+    from clip_model.export import load_export
+    from pipelines.core.config import to_dict
+    from pipelines.core.manifest import fingerprint, read_committed
+    from pipelines.core.storage import S3Options
+    from pipelines.evaluate.stage import ImageEmbedder, _text_features
+    from pipelines.filter.stage import ClipScorer, fingerprint_of
+
+    torch.manual_seed(0)
+    (tmp_path / "oc").mkdir()
+    ckpt = str(tmp_path / "oc" / "open_clip_pytorch_model.bin")  # no open_clip_config.json beside it
+    torch.save(build_model(get_config("tiny-vit", activation="gelu")).state_dict(), ckpt)
+    with pytest.raises(ValueError, match="does not say which activation.*rules.clip_score_activation"):
+        ClipScorer(ckpt, S3Options())
+    rows = [sample_row(s.image, s.caption, f"http://x.test/{i}.jpg") for i, s in enumerate(shape_samples(6, seed=3))]
+    images, captions = [r["image"] for r in rows], [r["caption"] for r in rows]
+    scores = ClipScorer(ckpt, S3Options(), activation="gelu")(images, captions)
+    threads = torch.get_num_threads()  # ImageEmbedder sets its actor's thread count; give it back after
+    img = ImageEmbedder(ckpt, None, with_phash=False, activation="gelu")(
+        {"image": np.array(images, dtype=object), "id": np.arange(len(images))})["embedding"]
+    torch.set_num_threads(threads)
+    model, tokenizer = load_export(ckpt, activation="gelu")
+    txt = _text_features(model, tokenizer, captions).numpy()
+    assert np.allclose(scores, (img * txt).sum(axis=1), atol=1e-5, rtol=0)
+    assert not np.allclose(scores, ClipScorer(ckpt, S3Options(), activation="quick_gelu")(images, captions),
+                           atol=1e-3)  # the wrong activation loads fine and scores otherwise
+    with pytest.raises(ValueError, match="filter clip_score_activation must be quick_gelu, gelu or null, got 'relu'"):
+        FilterConfig(clip_score_activation="relu")
+    crawl_dir = str(tmp_path / "crawl")
+    commit_rows(crawl_dir, rows)
+    base = [f"input={crawl_dir}", f"output.path={tmp_path / 'filter'}", f"rules.clip_score_checkpoint={ckpt}"]
+    fps = {act: fingerprint_of(load_config(FilterStageConfig, None, base + [f"rules.clip_score_activation={act}"]))
+           for act in ("null", "gelu", "quick_gelu")}
+    assert len(set(fps.values())) == 3
+    # Unset, it is left out: fingerprints committed before the key existed stay valid.
+    rules = to_dict(FilterConfig(clip_score_checkpoint=ckpt))
+    del rules["clip_score_activation"]
+    assert fps["null"] == fingerprint("filter", {"rules": rules}, [read_committed(crawl_dir, None, "input")[1]])

@@ -1,5 +1,6 @@
 """Weights in and out: every checkpoint format clip_model.formats loads, each written by the test itself from a
-small random model, and the Hugging Face export checked against `transformers` itself.
+small random model (and read back from s3:// through pipelines.core.checkpoints), and the Hugging Face export
+checked against `transformers` itself.
 
 References are independent of our model code: OpenAI's clip/model.py (tests/reference.py) for OpenAI and
 open_clip layouts (open_clip's CLIP has OpenAI's keys), with its QuickGELU swapped for nn.GELU for the GELU
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +22,8 @@ from clip_model import build_model, get_config
 from clip_model.export import load_export, main as export_main, save_export
 from clip_model.formats import load_checkpoint, openai_tokenizer, weight_files
 from clip_model.hf import save_hf
+from pipelines.core.checkpoints import local_checkpoint
+from pipelines.core.storage import Storage
 
 from .readme import readme_block, readme_commands
 from .reference import openai_model
@@ -49,6 +54,36 @@ def _max_diff(ours: nn.Module, ref: nn.Module) -> float:
                    (ours.encode_text(tokens) - ref.encode_text(tokens)).abs().max().item())
 
 
+def _open_clip_epoch(path: Path, sd: dict[str, torch.Tensor]) -> None:
+    """open_clip's training checkpoint: {"epoch", "name", "state_dict" (DDP's module. prefix), "optimizer"}."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"epoch": 3, "name": "run1", "state_dict": {f"module.{k}": v for k, v in sd.items()},
+                "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3, "params": [0, 1]}]}}, str(path))
+
+
+def _open_clip_hub(directory: Path, sd: dict[str, torch.Tensor],
+                   weights: tuple[str, ...] = ("open_clip_model.safetensors",)) -> Path:
+    """open_clip's hub directory: open_clip_config.json (no quick_gelu in model_cfg: GELU) and the weights."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in weights:
+        if name.endswith(".safetensors"):
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(directory / name))
+        else:
+            torch.save(sd, str(directory / name))
+    (directory / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": {"embed_dim": 64, "vision_cfg": {"image_size": 32}}, "preprocess_cfg": {}}))
+    return directory
+
+
+def _upload(st: Storage, local: Path, prefix: str) -> str:
+    """Every file under `local` to `prefix` (relative paths kept); the prefix's s3:// URI."""
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        st.write_bytes(f"{prefix}/{path.relative_to(local).as_posix()}", path.read_bytes())
+    return st.uri(prefix)
+
+
 @pytest.fixture(scope="module")
 def gelu_ref() -> nn.Module:
     return _reference("gelu")
@@ -76,10 +111,8 @@ def test_openai_torchscript_archive(tmp_path) -> None:
 def test_open_clip_epoch_checkpoint(tmp_path, gelu_ref) -> None:
     """open_clip's training checkpoint: {"epoch", "name", "state_dict" (DDP's module. prefix), "optimizer"}."""
     run = tmp_path / "logs" / "run1"
-    (run / "checkpoints").mkdir(parents=True)
+    _open_clip_epoch(run / "checkpoints" / "epoch_3.pt", gelu_ref.state_dict())
     path = str(run / "checkpoints" / "epoch_3.pt")
-    torch.save({"epoch": 3, "name": "run1", "state_dict": {f"module.{k}": v for k, v in gelu_ref.state_dict().items()},
-                "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3, "params": [0, 1]}]}}, path)
     with pytest.raises(ValueError, match="does not say which activation.*activation=gelu"):
         load_checkpoint(path)
     loaded = load_checkpoint(path, activation="gelu")
@@ -107,11 +140,7 @@ def test_open_clip_hub_files(tmp_path, gelu_ref) -> None:
         with pytest.raises(ValueError, match="does not say which activation"):
             load_checkpoint(str(bare / name))
         assert _max_diff(load_checkpoint(str(bare / name), activation="gelu").model, gelu_ref) < 1e-5
-    hub = tmp_path / "hub"
-    hub.mkdir()
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(hub / "open_clip_model.safetensors"))
-    (hub / "open_clip_config.json").write_text(json.dumps(
-        {"model_cfg": {"embed_dim": 64, "vision_cfg": {"image_size": 32}}, "preprocess_cfg": {}}))
+    hub = _open_clip_hub(tmp_path / "hub", sd)
     for path in (str(hub), str(hub / "open_clip_model.safetensors")):
         loaded = load_checkpoint(path)
         assert (loaded.origin, loaded.activation) == ("open_clip", "gelu")
@@ -179,6 +208,78 @@ def test_hf_export_equals_transformers(tmp_path, activation: str) -> None:
     assert (back.origin, back.activation) == ("hf", activation)
     assert _max_diff(back.model, model) == 0.0
     assert torch.equal(back.tokenizer(CAPTIONS), tokens)
+
+
+def test_s3_checkpoint_directories(tmp_path, s3_storage, monkeypatch) -> None:
+    """A Hugging Face CLIPModel directory and our export, each uploaded as an s3:// prefix: local_checkpoint copies
+    what the loader reads and it embeds (and tokenizes) as the local directory does."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the downloads land here, not in /tmp
+    torch.manual_seed(0)
+    model = build_model(get_config("tiny-vit", activation="gelu")).eval()
+    save_hf(model, str(tmp_path / "hf"), openai_tokenizer(CTX))
+    save_export(model, str(tmp_path / "export"), openai_tokenizer(CTX))
+    # What a mirrored Hub repository also holds: other frameworks' weights, a sub-directory; neither is read.
+    (tmp_path / "hf" / "tf_model.h5").write_bytes(b"not read")
+    (tmp_path / "hf" / "onnx").mkdir()
+    (tmp_path / "hf" / "onnx" / "model.onnx").write_bytes(b"not read")
+    for name, origin in (("hf", "hf"), ("export", "export")):
+        uri = _upload(s3_storage, tmp_path / name, name)
+        local = local_checkpoint(uri + "/", s3_storage.options)  # a trailing / names the same prefix
+        assert local != str(tmp_path / name) and os.path.isdir(local)
+        if name == "hf":
+            assert sorted(os.listdir(local)) == sorted(n for n in os.listdir(tmp_path / "hf") if n not in
+                                                       ("tf_model.h5", "onnx"))
+        ours, theirs = load_checkpoint(local), load_checkpoint(str(tmp_path / name))
+        assert (ours.origin, ours.activation) == (origin, "gelu")
+        assert _max_diff(ours.model, theirs.model) < 1e-5
+        assert torch.equal(ours.tokenizer(CAPTIONS), theirs.tokenizer(CAPTIONS))
+        assert [os.path.basename(f) for f in weight_files(local)] == [os.path.basename(f) for f in
+                                                                      weight_files(str(tmp_path / name))]
+
+
+def test_s3_open_clip_checkpoints(tmp_path, s3_storage, gelu_ref, monkeypatch) -> None:
+    """open_clip on s3://: a hub directory (both weight files: the safetensors one is read, the .bin not copied);
+    open_clip_pytorch_model.bin and epoch_N.pt named as files, with the sidecars that give their activation."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the downloads land here, not in /tmp
+    sd = gelu_ref.state_dict()
+    hub = _open_clip_hub(tmp_path / "hub", sd, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
+    local = local_checkpoint(_upload(s3_storage, hub, "hub"), s3_storage.options)
+    assert sorted(os.listdir(local)) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    loaded = load_checkpoint(local)
+    assert (loaded.origin, loaded.activation) == ("open_clip", "gelu")
+    assert _max_diff(loaded.model, load_checkpoint(str(hub)).model) < 1e-5
+    assert _max_diff(loaded.model, gelu_ref) < 1e-5
+    # A weights file named alone: open_clip_config.json beside it comes along, as the loader reads it locally.
+    path = local_checkpoint(s3_storage.uri("hub/open_clip_pytorch_model.bin"), s3_storage.options)
+    assert os.path.basename(path) == "open_clip_pytorch_model.bin"
+    loaded = load_checkpoint(path)
+    assert (loaded.origin, loaded.activation) == ("open_clip", "gelu")
+    assert _max_diff(loaded.model, load_checkpoint(str(hub / "open_clip_pytorch_model.bin")).model) < 1e-5
+    # epoch_N.pt: its run's params.txt (two levels up) says the activation; without it the caller must.
+    _open_clip_epoch(tmp_path / "logs" / "run1" / "checkpoints" / "epoch_3.pt", sd)
+    (tmp_path / "logs" / "run1" / "params.txt").write_text("force_quick_gelu: False\nmodel: ViT-B-32\n")
+    _upload(s3_storage, tmp_path / "logs", "logs")
+    path = local_checkpoint(s3_storage.uri("logs/run1/checkpoints/epoch_3.pt"), s3_storage.options)
+    loaded = load_checkpoint(path)
+    assert (loaded.origin, loaded.activation) == ("open_clip", "gelu") and _max_diff(loaded.model, gelu_ref) < 1e-5
+    s3_storage.delete("logs/run1/params.txt")
+    path = local_checkpoint(s3_storage.uri("logs/run1/checkpoints/epoch_3.pt"), s3_storage.options)
+    with pytest.raises(ValueError, match="does not say which activation"):
+        load_checkpoint(path)
+    assert _max_diff(load_checkpoint(path, activation="gelu").model, gelu_ref) < 1e-5
+
+
+def test_s3_checkpoint_refusals(s3_storage) -> None:
+    """Prefixes that hold no checkpoint fail at once, in one line, before anything is downloaded."""
+    opts = s3_storage.options
+    with pytest.raises(FileNotFoundError, match="no such object and no objects directly under that prefix$"):
+        local_checkpoint(s3_storage.uri("nothing"), opts)
+    s3_storage.write_bytes("runs/a/model.pt", b"x")
+    with pytest.raises(FileNotFoundError, match=r"only sub-prefixes: a/\)"):
+        local_checkpoint(s3_storage.uri("runs"), opts)
+    s3_storage.write_bytes("crawl/part-00000.parquet", b"x")
+    with pytest.raises(ValueError, match="include none of model.pt, config.json, open_clip_config.json: not a "):
+        local_checkpoint(s3_storage.uri("crawl"), opts)
 
 
 def test_convert_command(tmp_path, gelu_ref, capsys) -> None:

@@ -32,9 +32,13 @@ class FilterConfig:
     # The paper's class balance: "up to 20,000 (image, text) pairs per query". None = no cap. Rows without a
     # query (null or "") are exempt, never one bucket; balance such pools with the curate stage instead.
     max_per_query: int | None = 20000
-    # CLIP-score filter (DataComp's strongest baseline): a trained checkpoint dir (model.pt + config.json
-    # + tokenizer.json, as `pipelines.train` exports). None = off.
+    # CLIP-score filter (DataComp's strongest baseline): any checkpoint clip_model.formats.load_checkpoint reads
+    # (our export, OpenAI's .pt, open_clip files and hub dirs, Hugging Face CLIPModel dirs), local or s3://
+    # (read with the input's S3 options). None = off.
     clip_score_checkpoint: str | None = None
+    # That checkpoint's MLP activation, quick_gelu or gelu (evaluate's `activation`): needed where it does not
+    # record it (bare state dicts, open_clip epoch_N.pt without params.txt); None = what the checkpoint says.
+    clip_score_activation: str | None = None
     min_clip_score: float = 0.28
 
     def __post_init__(self) -> None:
@@ -48,6 +52,9 @@ class FilterConfig:
             raise ValueError(f"filter max_per_query must be >= 1 or null, got {self.max_per_query}")
         if not 0.0 <= self.min_language_prob <= 1.0:
             raise ValueError(f"filter min_language_prob must be in [0, 1], got {self.min_language_prob}")
+        if self.clip_score_activation not in (None, "quick_gelu", "gelu"):
+            raise ValueError(f"filter clip_score_activation must be quick_gelu, gelu or null, "
+                             f"got {self.clip_score_activation!r}")
 
 
 @functools.lru_cache(maxsize=1)

@@ -38,7 +38,7 @@ NAME = "filter"
 
 @dataclass
 class FilterStageConfig:
-    # The committed output of the crawl (a directory with _manifest.json), local or s3://.
+    # The committed output of the crawl or of ingest (a directory with _manifest.json), local or s3://.
     input: str = ""
     input_s3: S3Options = field(default_factory=S3Options)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -49,7 +49,7 @@ class FilterStageConfig:
 
     def __post_init__(self) -> None:
         if not self.input:
-            raise ValueError("filter.input is empty: give the crawl stage's output directory")
+            raise ValueError("filter.input is empty: give the crawl's (or ingest's) output directory")
 
 
 def _query_cutoffs(group: pa.Table, cap: int) -> pa.Table:
@@ -85,14 +85,24 @@ def compute_query_cutoffs(inp: Storage, manifest: Manifest, rules: FilterConfig)
 
 
 class ClipScorer:
-    """Cosine similarity between a trained CLIP's image and caption embeddings (DataComp's CLIP score)."""
+    """Cosine similarity between a trained CLIP's image and caption embeddings (DataComp's CLIP score).
 
-    def __init__(self, checkpoint: str, s3: S3Options) -> None:
+    `checkpoint` is any format evaluate loads (the same loader: clip_model.formats.load_checkpoint), local or
+    s3://; `activation` (rules.clip_score_activation) where the checkpoint does not record it."""
+
+    def __init__(self, checkpoint: str, s3: S3Options, activation: str | None = None) -> None:
         from clip_model.export import load_export
         from clip_model.transforms import EvalTransform
 
         local = local_checkpoint(checkpoint, s3)
-        self.model, self.tokenizer = load_export(local)
+        try:
+            self.model, self.tokenizer = load_export(local, activation=activation)
+        except ValueError as err:
+            if "activation" not in str(err):
+                raise
+            # The loader names its own argument; a filter user sets the rules key.
+            raise ValueError(f"filter rules.clip_score_checkpoint={checkpoint}: {err} (in the filter's config "
+                             f"that is rules.clip_score_activation)") from err
         self.transform = EvalTransform(self.model.image_size)
 
     def __call__(self, images: list[bytes], captions: list[str], batch_size: int = 64) -> np.ndarray:
@@ -114,7 +124,8 @@ class FilterFiles:
         self.store = store
         self.cfg = cfg
         self.cutoffs = cutoffs
-        self.scorer = ClipScorer(cfg.rules.clip_score_checkpoint, cfg.input_s3) if cfg.rules.clip_score_checkpoint else None
+        self.scorer = (ClipScorer(cfg.rules.clip_score_checkpoint, cfg.input_s3, cfg.rules.clip_score_activation)
+                       if cfg.rules.clip_score_checkpoint else None)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         out = []
@@ -147,8 +158,12 @@ class FilterFiles:
 
 
 def _prepare(cfg: FilterStageConfig) -> tuple[Storage, Manifest, str]:
-    inp, in_manifest = read_committed(cfg.input, cfg.input_s3, "filter.input (the crawl's output)", producer="crawl")
-    return inp, in_manifest, fingerprint(NAME, {"rules": to_dict(cfg.rules)}, [in_manifest])
+    inp, in_manifest = read_committed(cfg.input, cfg.input_s3, "filter.input (the crawl's or ingest's output)",
+                                      producer="crawl")
+    rules = to_dict(cfg.rules)
+    if rules.get("clip_score_activation") is None:  # counts only when set: outputs committed before it stay valid
+        del rules["clip_score_activation"]
+    return inp, in_manifest, fingerprint(NAME, {"rules": rules}, [in_manifest])
 
 
 def fingerprint_of(cfg: FilterStageConfig) -> str:
@@ -172,7 +187,7 @@ def run(cfg: FilterStageConfig) -> Manifest:
     store = PartStore(out, NAME, fp, cfg.output.row_group_size)
     items = [{"path": p} for p in in_manifest.file_paths()]
     if not items:
-        raise ValueError(f"filter input {cfg.input} lists no data files (the crawl kept no rows)")
+        raise ValueError(f"filter input {cfg.input} lists no data files (the crawl or ingest kept no rows)")
     parts = run_file_parts(items, FilterFiles, {"inp": inp, "store": store, "cfg": cfg, "cutoffs": cutoffs},
                            cfg.workers)
     schema = SAMPLE_SCHEMA
