@@ -7,6 +7,7 @@ subprocesses, one of which crawls a loopback web so that Ray's output has somewh
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import re
@@ -20,6 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from pipelines.core import console
 from pipelines.core.cli import describe_keys, field_comments, is_user_error, log_file, redact, run_command
@@ -354,7 +356,7 @@ def test_session_routes_ray_output_to_the_log_file(tmp_path, capfd) -> None:
             os.write(2, b"core_worker.cc: a C++ warning\n")
             print("our own output", flush=True)
             time.sleep(0.2)  # the fd-2 reader thread
-        dispatcher.emit({"pid": 1, "lines": ["after the session"]})
+        dispatcher.emit({"pid": 1, "is_err": False, "lines": ["after the session"]})
     finally:  # only the stand-in: a Ray started by an earlier test keeps its own printer
         with dispatcher._lock:
             dispatcher.handlers = [(n, h) for n, h in dispatcher.handlers if h is not stand_in]
@@ -362,7 +364,10 @@ def test_session_routes_ray_output_to_the_log_file(tmp_path, capfd) -> None:
     assert "a ray warning" in log and "(RayTrainWorker pid=42) hello" in log and "a C++ warning" in log
     assert "(pid=raylet) raylet: too many workers" in log and ray_worker.print_to_stdstream is printer
     out, err = capfd.readouterr()
-    assert out == f"ray logs: {path}\nour own output\n" and err == ""
+    head = f"ray logs: {path}\nour own output\n"
+    assert out.startswith(head) and err == "", (out, err)
+    # After the session only Ray's own printer may print (registered when an earlier test started Ray here).
+    assert all("after the session" in line for line in out[len(head):].splitlines()), out
     assert [b["lines"] for b in printed] == [["after the session"]]  # Ray's own printer is back
     assert ctx.enable_progress_bars == bars
 
@@ -384,6 +389,23 @@ def test_status_lines_without_a_terminal(capsys, monkeypatch) -> None:
 
 
 @pytest.mark.slow
+def _dashboard_version(url: str) -> str | None:
+    """The Ray version the dashboard at `url` reports (it may take a few seconds to answer after ray.init). Ray
+    2.60 clusters use token authentication: the token `ray get-auth-token` prints (~/.ray/auth_token)."""
+    import urllib.request
+
+    token = os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").read_text().strip()
+    request = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(request, timeout=5) as resp:
+                return json.loads(resp.read())["ray_version"]
+        except OSError:
+            time.sleep(0.5)
+    return None
+
+
 def test_a_stage_run_shows_progress_and_funnel_and_keeps_ray_in_its_log(tmp_path) -> None:
     from pipelines.demo.local_web import LocalWebServer, WebContent
     from pipelines.demo.synthetic import shape_samples
@@ -392,16 +414,24 @@ def test_a_stage_run_shows_progress_and_funnel_and_keeps_ray_in_its_log(tmp_path
     with LocalWebServer(WebContent([s.image for s in samples], [s.caption for s in samples])) as web:
         pq.write_table(pa.Table.from_pylist(web.url_list()), tmp_path / "urls.parquet")
         out = tmp_path / "crawl"
-        r = subprocess.run(
+        p = subprocess.Popen(
             [sys.executable, "-m", "pipelines.crawl", f"input.paths=[{tmp_path}/urls.parquet]", f"output.path={out}",
              "fetch.allow_networks=[127.0.0.1/32]", "rows_per_part=10", "ray.num_cpus=2", "workers=1",
              "image.image_size=32"],
-            cwd=REPO, env={**os.environ, "RAY_ADDRESS": ""}, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+            cwd=REPO, env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lines, version = [], None
+        for line in p.stdout:  # the dashboard answers while the stage runs
+            lines.append(line.rstrip("\n"))
+            if line.startswith("ray dashboard: ") and version is None:
+                version = _dashboard_version(line.split()[2])
+        stderr = p.stderr.read()
+        assert p.wait(timeout=300) == 0, "\n".join(lines)[-3000:] + stderr[-3000:]
+    r = subprocess.CompletedProcess(p.args, 0, "\n".join(lines) + "\n", stderr)
     logs = list((out / "_logs").glob("crawl-*.log"))
     assert len(logs) == 1
-    lines = r.stdout.splitlines()
     assert lines[0] == f"ray logs: {logs[0]}" and r.stderr == ""
+    assert re.fullmatch(r"ray dashboard: http://127\.0\.0\.1:\d+ \(token: ray get-auth-token\)", lines[1]), lines
+    assert version == ray.__version__
     assert any(re.fullmatch(r"crawl: 3/3 parts, 30 rows .*done in (\d+m)?\d+s", ln) for ln in lines), r.stdout
     assert "stage crawl" in r.stdout and len(lines) < 25, r.stdout
     assert not re.search(r"INFO|WARNING|pid=|Dataset|streaming_executor", r.stdout)

@@ -275,7 +275,7 @@ def test_memory_budget_bounds_the_crawler_actors_peak(tmp_path) -> None:
         loose = run(crawl_config([src], str(tmp_path / "loose"), memory_budget_bytes=4 * 2**30, **common))
     finally:
         web.close()
-    assert tight.rows_out == loose.rows_out == 64
+    assert tight.rows_out == loose.rows_out == 64, (tight.rejected, loose.rejected)  # the reasons, if one failed
 
     t, l = tight.extra["memory"], loose.extra["memory"]
     assert t["bodies_peak_bytes"] <= 80 * 2**20 and t["pixels_peak_bytes"] <= 80 * 2**20

@@ -22,6 +22,9 @@ class RayConfig:
     # the V1 reader (1.6 s with 2 footer actors). Every stage reads the explicit file list of a manifest, so V2's
     # listing and footer push-down buy nothing here; true = Ray's V2 reader.
     parquet_datasource_v2: bool = False
+    # Local Ray only: start Ray's dashboard on 127.0.0.1 (port 8265, or the next free one); the command prints its
+    # URL once at start. It shows the cluster's tasks, actors, memory and the Ray Data and Ray Train views.
+    dashboard: bool = True
     # Custom resources every data-stage task and actor asks for, e.g. {data_node: 0.001}: on a cluster whose
     # CPU node group advertises `data_node` (cluster/aws.yaml, cluster/kuberay-*.yaml) the data stages then
     # land only there, while training asks for GPUs and lands on the GPU group. {} = anywhere.
@@ -65,7 +68,7 @@ def init_ray(cfg: RayConfig) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ctx = ray.init(address=address, log_to_driver=True)
     else:
         num_cpus = cfg.num_cpus or max(4, 2 * (os.cpu_count() or 1))
         # Metrics export off: nothing scrapes it on a laptop, and its exporter thread has crashed
@@ -73,7 +76,10 @@ def init_ray(cfg: RayConfig) -> None:
         # address="local": a new Ray for this command. Without it ray.init joins the newest `ray start` cluster
         # on the machine (and then refuses num_cpus); a command joins a cluster only when told (ray.address /
         # RAY_ADDRESS, which `ray job submit` sets).
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}},
-                 _system_config={"enable_metrics_collection": False})
+        ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=cfg.dashboard, dashboard_host="127.0.0.1",
+                       log_to_driver=True, runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}},
+                       _system_config={"enable_metrics_collection": False})
     console.attach_ray()  # now the workers' output, which the driver receives, goes there as well
+    if getattr(ctx, "dashboard_url", None):
+        # Ray 2.60 clusters use token authentication: the dashboard asks for the token this command prints.
+        print(f"ray dashboard: http://{ctx.dashboard_url} (token: ray get-auth-token)", flush=True)

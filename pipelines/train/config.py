@@ -70,6 +70,45 @@ class TrainDataConfig:
 
 
 @dataclass
+class MlflowConfig:
+    # MLflow tracking URI (http://host:5000, databricks, sqlite:///mlflow.db, file:///dir); "" = no MLflow.
+    # Rank 0 logs every step's metrics and, on a new run, the resolved config as params. A rerun of the
+    # same run_name (a resume) continues the MLflow run tagged with the run directory's URI.
+    tracking_uri: str = ""
+    experiment: str = "clip-on-ray"
+
+
+@dataclass
+class WandbConfig:
+    # W&B project; "" = no W&B. The run id is derived from the run directory's URI, so a resume continues
+    # the same W&B run.
+    project: str = ""
+    entity: str = ""
+    # online needs WANDB_API_KEY on the training nodes; offline writes to `dir` for a later `wandb sync`.
+    mode: Literal["online", "offline"] = "online"
+    # Where W&B keeps its local files ("" = W&B's default, ./wandb in the worker's working directory).
+    dir: str = ""
+
+
+@dataclass
+class MetricsConfig:
+    # TensorBoard events under <run>/tensorboard (also on S3: copied there as the run goes).
+    tensorboard: bool = True
+    # Copy TensorBoard events and metrics.jsonl to the run directory every N steps as well as at every
+    # checkpoint and at the end (0 = at checkpoints and the end only). Local run directories get events
+    # as they are written; this matters for s3:// runs.
+    upload_every: int = 0
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        if self.upload_every < 0:
+            raise ValueError(f"metrics.upload_every must be >= 0, got {self.upload_every}")
+        if self.wandb.mode not in ("online", "offline"):
+            raise ValueError(f"metrics.wandb.mode must be online or offline, got {self.wandb.mode!r}")
+
+
+@dataclass
 class TrainConfig:
     # A named architecture from clip_model.config (e.g. "ViT-B/32", "tiny-vit").
     model: str = "tiny-vit"
@@ -117,6 +156,8 @@ class TrainConfig:
     seed: int = 0
     # Print a progress line every N steps (rank 0).
     log_every: int = 1
+    # Where the per-step metrics go besides metrics.jsonl: TensorBoard, MLflow, W&B (rank 0 only).
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     data: TrainDataConfig = field(default_factory=TrainDataConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 

@@ -29,6 +29,7 @@ from pipelines.train import checkpointing as ckpt_io
 from pipelines.train.config import TrainConfig, run_dir
 from pipelines.train.data import InputSpec, SamplePlan, StepFeeder, load_tokenizer
 from pipelines.train.hooks import TrainHooks
+from pipelines.train.tracking import MetricSinks
 
 
 class ContrastiveModel(nn.Module):
@@ -190,25 +191,20 @@ def dump_state(engine, hooks: TrainHooks, name: str, rank: int) -> None:
 
 # -- the loop -----------------------------------------------------------------------------------
 class Progress:
-    """Per-step metrics, progress lines and TensorBoard events (rank 0 writes; all ranks measure)."""
+    """Per-step progress lines (rank 0) and the metric sinks (pipelines.train.tracking); all ranks measure."""
 
-    def __init__(self, cfg: TrainConfig, rank: int, total_steps: int, spe: int, tb_dir: str | None) -> None:
+    def __init__(self, cfg: TrainConfig, rank: int, total_steps: int, spe: int, sinks: MetricSinks | None) -> None:
         self.cfg, self.rank, self.total, self.spe = cfg, rank, total_steps, spe
         self.start = time.time()
         self.steps_timed = 0
-        self.writer = None
-        if rank == 0 and tb_dir:
-            from torch.utils.tensorboard import SummaryWriter
+        self.sinks = sinks
 
-            self.writer = SummaryWriter(log_dir=tb_dir)
-
-    def step(self, step: int, record: dict[str, float]) -> None:
+    def step(self, step: int, record: dict[str, float], history: list[dict[str, Any]]) -> None:
         self.steps_timed += 1
         if self.rank != 0:
             return
-        for k, v in record.items():
-            if k != "step" and self.writer is not None:
-                self.writer.add_scalar(f"train/{k}", v, step)
+        if self.sinks is not None:
+            self.sinks.log(step, record, history)
         if step % self.cfg.log_every == 0 or step == self.total:
             elapsed = time.time() - self.start
             eta = elapsed / self.steps_timed * (self.total - step)
@@ -220,9 +216,9 @@ class Progress:
         if step % self.spe == 0:
             print(f"[train] epoch {step // self.spe} finished at step {step} ({time.time() - self.start:.1f} s)", flush=True)
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+    def checkpointed(self, history: list[dict[str, Any]]) -> None:
+        if self.sinks is not None:
+            self.sinks.flush(history)
 
 
 def _mean_over_workers(x: torch.Tensor, world: int) -> float:
@@ -319,15 +315,6 @@ def _save(engine, cfg: TrainConfig, hooks: TrainHooks, state: ckpt_io.TrainState
     dump_state(engine, hooks, f"save_step{state.step}_ws{state.world_size}", rank)
 
 
-def _tb_dir(cfg: TrainConfig, rank: int) -> str | None:
-    if rank != 0:
-        return None
-    storage = run_dir(cfg)
-    if storage.uri("").startswith("s3://"):
-        return tempfile.mkdtemp(prefix="tb_")  # uploaded at the end
-    return storage.fs_path("tensorboard")
-
-
 def _feeder(cfg: TrainConfig, files: list[str], plan: SamplePlan, rank: int, world: int, start: int,
             stop: int) -> StepFeeder:
     mcfg = cfg.model_config()
@@ -371,9 +358,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state.config = config.get("cfg_dict", {})
     random.seed(cfg.seed + rank + state.step)
     np.random.seed((cfg.seed + rank + state.step) % 2**32)
-    tb_dir = _tb_dir(cfg, rank)
-    progress = Progress(cfg, rank, total, spe, tb_dir)
     state.history = [h for h in state.history if h["step"] <= state.step]
+    sinks = MetricSinks(cfg, state.history, state.config) if rank == 0 else None
+    progress = Progress(cfg, rank, total, spe, sinks)
     engine.train()
     # One stream from here to the last step, across epochs: nothing restarts at an epoch boundary.
     batches = iter(feeder)
@@ -402,18 +389,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                       "lr": lr, "samples_per_s": cfg.global_batch_size / dt, "data_wait_ms": 1000 * (t1 - t0),
                       "load_ms": 1000 * float(batch["load_s"]), "step_s": dt, "world_size": world}
             state.history.append(record)
-            progress.step(state.step, record)
+            progress.step(state.step, record, state.history)
             if hooks.step_delay_s:
                 time.sleep(hooks.step_delay_s)
             if state.step % cfg.checkpoint_every == 0 or state.step == total:
                 _save(engine, cfg, hooks, state, rank)
+                progress.checkpointed(state.history)
+    except BaseException:
+        if sinks is not None:
+            sinks.abort(state.history)
+        raise
     finally:
         feeder.close()
-    progress.close()
-    _finish(engine, cfg, state, rank, tb_dir, startup)
+    _finish(engine, cfg, state, rank, sinks, startup)
 
 
-def _finish(engine, cfg: TrainConfig, state: ckpt_io.TrainState, rank: int, tb_dir: str | None,
+def _finish(engine, cfg: TrainConfig, state: ckpt_io.TrainState, rank: int, sinks: MetricSinks | None,
             startup: dict[str, float]) -> None:
     """Export the fp32 weights in OpenAI's layout + tokenizer + config, and the run summary."""
     from clip_model.export import MODEL_FILE, save_export
@@ -433,12 +424,8 @@ def _finish(engine, cfg: TrainConfig, state: ckpt_io.TrainState, rank: int, tb_d
             storage.write_bytes(f"export/{name}", data)
     finally:
         shutil.rmtree(local, ignore_errors=True)
-    if tb_dir and storage.uri("").startswith("s3://"):
-        for root, _, files in os.walk(tb_dir):
-            for name in files:
-                with open(os.path.join(root, name), "rb") as f:
-                    storage.write_bytes(f"tensorboard/{os.path.relpath(os.path.join(root, name), tb_dir)}", f.read())
-    storage.write_bytes("metrics.jsonl", "".join(json.dumps(h) + "\n" for h in state.history).encode())
+    if sinks is not None:
+        sinks.close(state.history)  # metrics.jsonl, TensorBoard, MLflow, W&B
     timed = [h for h in state.history[1:]] or state.history
     summary = {
         "steps": state.step, "samples_seen": state.samples_seen, "world_size": state.world_size,
@@ -454,6 +441,8 @@ def _finish(engine, cfg: TrainConfig, state: ckpt_io.TrainState, rank: int, tb_d
         "startup": {k: round(v, 2) for k, v in startup.items()},
         # Identifies the weights (keys evaluation in pipelines.run) without reading the export back.
         "model_sha256": hashes.get(MODEL_FILE),
+        # Metric sinks that failed during the run (training went on without them).
+        "metrics_errors": dict(sinks.errors) if sinks is not None else {},
     }
     storage.write_bytes("summary.json", json.dumps(summary, indent=2).encode())
     print(f"[train] done: {json.dumps(summary)}", flush=True)

@@ -79,7 +79,8 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
 # Settings that change where or how fast a run goes, not what it learns: left out of the fingerprint.
 # (num_workers is out because the global batch, and so every optimizer step, is kept on a resize.)
 _OPERATIONAL = ("storage_path", "run_name", "s3", "num_workers", "cpus_per_worker", "worker_resources",
-                "resize_check_s", "max_failures", "log_every", "checkpoint_every", "keep_checkpoints", "ray")
+                "resize_check_s", "max_failures", "log_every", "checkpoint_every", "keep_checkpoints", "ray",
+                "metrics")
 _OPERATIONAL_DATA = ("manifest", "s3", "loaders_per_worker", "loader_num_cpus", "prefetch_steps")
 
 
@@ -101,6 +102,7 @@ def run_training(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str,
     from pipelines.train.data import committed_layout
 
     cfg = resolve_paths(cfg)
+    _validate(cfg)
     if not cfg.data.manifest:
         raise ValueError("data.manifest is required: the shard stage's output directory (local or s3://)")
     init_ray(cfg.ray)
@@ -138,6 +140,9 @@ def _validate(cfg: TrainConfig) -> None:
         cfg.model_config()
     except KeyError as err:
         raise ValueError(f"train.model: {err.args[0]}") from None
+    from pipelines.train.tracking import validate
+
+    validate(cfg.metrics)
 
 
 def _wire(cfg: TrainConfig, w: Wiring) -> TrainConfig:
