@@ -183,6 +183,44 @@ def test_filter_dedup_shard_run_on_ingest_and_webdataset_reads_back(ray_session,
     assert ns["hf"][0]["key"] == parquet_rows[0]["key"] and ns["df"]["image"][0] == parquet_rows[0]["image"]
 
 
+def test_run_starts_from_an_img2dataset_download(ray_session, downloads, tmp_path, capsys) -> None:
+    """The README's `python -m pipelines.run` from an img2dataset download (in-process, on the session's Ray),
+    through shard: ingest is the source and the plan's first stage, each stage commits under
+    root/<stage>/<fingerprint[:16]> and reads the one before; the same config then plans every stage as reuse."""
+    from pipelines.run.dag import Selection, load_run_config, main, plan, stages
+
+    selected = ("ingest", "filter", "dedup", "curate", "shard")
+    (argv,) = readme_commands("run-ingest", {"i2d": str(downloads["root"] / "webdataset"), "out/": f"{tmp_path}/out/"})
+    assert argv[:3] == ["python", "-m", "pipelines.run"] and argv[3] == "--config"
+    root = tmp_path / "out" / "run"
+    assert main([*argv[3:], "--only", ",".join(selected)]) == 0
+    printed = capsys.readouterr().out.split("plan:\n", 1)[1].splitlines()[:7]  # the plan before any work
+    assert [line.split()[:2] for line in printed] == [["ingest", "run"]] + [[s, "pending"] for s in selected[1:]] + [
+        ["train", "skip"], ["evaluate", "skip"]]
+    last = json.loads((root / "_last_run.json").read_text())
+    assert last["failed"] is None
+    assert [(s["stage"], s["action"]) for s in last["plan"]] == [(s, "run") for s in selected] + [
+        ("train", "skip"), ("evaluate", "skip")]
+    manifests = {}
+    for step in last["plan"][:len(selected)]:
+        path = root / step["stage"] / step["fingerprint"][:16]
+        assert last["dirs"][step["stage"]] == str(path)
+        m = manifests[step["stage"]] = read_manifest(Storage.from_uri(str(path)), "")
+        assert (m.stage, m.fingerprint) == (step["stage"], step["fingerprint"])
+    assert {d for d in os.listdir(root) if not d.startswith("_") and "." not in d} == set(selected)  # no crawl/
+    # The same rows as ingest -> filter -> dedup -> shard by hand (the test above): the download's 12 pictures.
+    assert (manifests["ingest"].rows_in, manifests["ingest"].rows_out) == (GOOD + 3, GOOD)
+    for before, after in zip(selected, selected[1:]):
+        assert manifests[after].rows_in == manifests[before].rows_out, after
+    assert manifests["shard"].rows_out == GOOD
+    assert 'id="stage-ingest"' in (root / "report.html").read_text()
+    # Run again with the same config: every selected stage is reused; --from filter recomputes from filter on.
+    cfg = load_run_config(argv[4], argv[5:])
+    assert stages(cfg)[0] == "ingest" and cfg.crawl is None
+    assert [s.action for s in plan(cfg, Selection(only=selected))] == ["reuse"] * 5 + ["skip"] * 2
+    assert [s.action for s in plan(cfg, Selection(from_="filter"))] == ["reuse", "run"] + ["pending"] * 4 + ["skip"]
+
+
 def test_readme_img2dataset_flags() -> None:
     """The README's img2dataset line uses flags img2dataset's `download` takes, with values it accepts."""
     import inspect

@@ -287,6 +287,42 @@ def test_config_errors_name_the_key(data, tmp_path):
             "evaluate=[{name: a, dataset: 'imagefolder:x'}, {name: a, dataset: 'imagefolder:y'}]"])
 
 
+def test_run_config_takes_exactly_one_source(tmp_path, capsys):
+    """crawl.input.paths or ingest.input: both or neither is an error naming both keys. A crawl run's stages
+    are STAGES as before; an ingest run's start with ingest, filter reads it, and a selection naming crawl is
+    a one-line error before any work. (No Ray, no fixture of this module.)"""
+    from pipelines.core.cli import dump_yaml
+    from pipelines.core.config import ConfigError
+    from pipelines.run.dag import main, printable_config, stages, wire
+
+    with pytest.raises(ConfigError, match=r"^crawl\.input\.paths and ingest\.input are both set in .*: a run starts "
+                                          r"from one source; unset the other \(e\.g\. crawl=null\)$"):
+        load_run_config("configs/run_tiny.yaml", ["crawl.input.paths=[u.parquet]", f"ingest.input={tmp_path}"])
+    for neither in (["crawl=null"], ["crawl.input.paths=[]"], ["crawl=null", "ingest.input="]):
+        with pytest.raises(ConfigError, match=r"^no data source in .*: set crawl\.input\.paths \(URL lists to "
+                                              r"crawl\) or ingest\.input \(an img2dataset download to ingest\)$"):
+            load_run_config("configs/run_tiny.yaml", neither)
+    crawl = load_run_config("configs/run_tiny.yaml", ["crawl.input.paths=[u.parquet]"])
+    assert stages(crawl) == STAGES and crawl.ingest is None
+    args = ["crawl=null", f"ingest.input={tmp_path}", "ingest.query_column=query", f"root={tmp_path / 'root'}"]
+    ingest = load_run_config("configs/run_tiny.yaml", args)
+    assert stages(ingest) == ("ingest", *STAGES[1:]) and ingest.crawl is None
+    assert ingest.ingest.query_column == "query" and ingest.filter.rules.max_per_query == 1000
+    assert wire(ingest, "filter", {"ingest": "IN"}).input == "IN"
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(dump_yaml(printable_config(ingest)))
+    assert load_run_config(str(printed)) == ingest and "crawl" not in printed.read_text()
+    assert Selection(from_="filter").of(ingest).forced("shard") and not Selection(from_="filter").of(ingest).forced("ingest")
+    with pytest.raises(ValueError, match="^stage crawl is not in this run: its source is ingest \\(ingest.input is set\\)"):
+        Selection(only=("crawl",)).of(ingest)
+    for flags, message in ((["--only", "crawl"], "stage crawl is not in this run"),
+                           (["--force", "filter,crawl"], "stage crawl is not in this run"),
+                           (["--from", "sharding"], "unknown stage 'sharding': stages are crawl or ingest")):
+        assert main(["--config", "configs/run_tiny.yaml", *args, *flags, "--dry-run"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+
 def test_evaluate_fingerprint_follows_template_and_classname_files(tmp_path):
     """Prompt and class-name files count by content: an edit of the same size still re-evaluates."""
     from pipelines.core.manifest import Manifest, write_manifest

@@ -52,6 +52,11 @@ def load_raw(path: str | Path | None = None, overrides: Sequence[str] = ()) -> t
     return data, source
 
 
+def raw_value(value: Any) -> Any:
+    """A value of the `load_raw` mapping as plain YAML data (a command-line override is held with its text)."""
+    return value.parsed if isinstance(value, _Override) else value
+
+
 def build_config(cls: type[T], data: dict[str, Any], source: str) -> T:
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         raise TypeError(f"load_config needs a dataclass type, got {cls!r}")

@@ -3,6 +3,9 @@ dedup and shard run on it as on a crawl.
 
     python -m pipelines.ingest --config configs/ingest.yaml [input=DIR] [key=value ...]
 
+The whole DAG starts from it too, in place of the crawl, when the run config sets ingest.input:
+`python -m pipelines.run --config configs/run_tiny.yaml crawl=null ingest.input=DIR` (pipelines/run/dag.py).
+
 img2dataset writes shards `00000.parquet` (output_format=parquet: one row per input URL, the image bytes
 in a `jpg`/`png`/`webp` column, null when the download failed) or `00000.tar` + `00000.parquet`
 (output_format=webdataset: the tar holds each downloaded sample as `KEY.jpg`, `KEY.txt`, `KEY.json`; the
@@ -331,10 +334,16 @@ def _wire(cfg: IngestConfig, w: Wiring) -> IngestConfig:
                                ray=w.ray)
 
 
+def _check_input(cfg: IngestConfig) -> None:
+    """The input holds shards of the configured format (in a DAG run: before any stage starts)."""
+    input_shards(cfg)
+
+
+# The DAG's other source (pipelines/run/dag.py: SOURCES): a run whose config sets ingest.input starts here.
 STAGE = Stage(
     name=NAME, section=IngestConfig, default=None, doc="img2dataset / WebDataset downloads as sample rows",
     upstream=None, wired=("output.path", "output.s3", "ray"), wire=_wire, fingerprint=fingerprint_of, run=run,
-    parts=True)
+    validate=_check_input, parts=True)
 
 
 def main(argv: list[str] | None = None) -> int:

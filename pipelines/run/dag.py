@@ -1,12 +1,22 @@
-"""The whole DAG from one config: crawl -> filter -> dedup -> curate -> shard -> train -> evaluate.
+"""The whole DAG from one config: crawl (or ingest) -> filter -> dedup -> curate -> shard -> train -> evaluate.
 
     python -m pipelines.run --config configs/run_tiny.yaml [key=value ...]
         [--only STAGE[,STAGE]] [--from STAGE] [--force STAGE[,STAGE]] [--dry-run]
 
+The data comes from one source, the one whose input the config sets: `crawl.input.paths` (URL lists to
+crawl, as configs/run_tiny.yaml does) or `ingest.input` (an img2dataset download, Parquet or WebDataset
+output, made sample rows by pipelines.ingest). Exactly one must be set; the other source's section, if
+any, is not used:
+
+    python -m pipelines.run --config configs/run_tiny.yaml crawl=null ingest.input=i2d
+
+The source is the run's first stage: the plan, --only/--from/--force, the report and root/<source>/
+name it, and filter reads its output. A crawl run's plan and directories do not depend on ingest.
+
 Every stage's output lives under `<root>/<stage>/<fingerprint[:16]>`, where the fingerprint is the
 one the stage itself commits under: its result-shaping settings plus its inputs' manifests (for the
-crawl, the URL lists' paths and sizes). So a rerun finds finished work by looking, not by
-remembering: a stage whose directory holds a manifest with its fingerprint is reused; a config
+source, its input files' paths, sizes and modification times). So a rerun finds finished work by
+looking, not by remembering: a stage whose directory holds a manifest with its fingerprint is reused; a config
 change lands in a new directory (the old one stays, so switching back is free); a stage killed
 midway resumes from its committed parts, because the rerun computes the same directory.
 
@@ -40,7 +50,7 @@ from typing import Any
 
 from pipelines.core import console
 from pipelines.core.cli import run_command
-from pipelines.core.config import ConfigError, build_config, load_raw, to_dict
+from pipelines.core.config import ConfigError, build_config, load_raw, raw_value, to_dict
 from pipelines.core.manifest import committed, read_manifest
 from pipelines.core.runtime import RayConfig
 from pipelines.core.stage import Stage, Wiring
@@ -50,13 +60,48 @@ from pipelines.curate.stage import STAGE as CURATE
 from pipelines.dedup.stage import STAGE as DEDUP
 from pipelines.evaluate.jobs import STAGE as EVALUATE
 from pipelines.filter.stage import STAGE as FILTER
+from pipelines.ingest.stage import STAGE as INGEST
 from pipelines.shard.stage import STAGE as SHARD
 from pipelines.train.stage import STAGE as TRAIN
 
-# The DAG, in order. Adding a stage: a package whose stage.py defines its Stage, and one entry here.
-PIPELINE: tuple[Stage, ...] = (CRAWL, FILTER, DEDUP, CURATE, SHARD, TRAIN, EVALUATE)
-BY_NAME = {s.name: s for s in PIPELINE}
-STAGES = tuple(BY_NAME)
+
+@dataclass(frozen=True)
+class Source:
+    """A stage a run can start from: the run uses the source whose input key its config sets."""
+
+    stage: Stage
+    #: The dotted key of its section that names its input (set: the run starts from this source).
+    input_key: str
+    #: What that input is (for the error that asks for one).
+    what: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.stage.name}.{self.input_key}"
+
+
+# Where a run's data comes from: exactly one source, the one whose input the run config sets.
+SOURCES: tuple[Source, ...] = (Source(CRAWL, "input.paths", "URL lists to crawl"),
+                               Source(INGEST, "input", "an img2dataset download to ingest"))
+SOURCE_NAMES = tuple(s.stage.name for s in SOURCES)
+# The stages after the source, in order. A stage whose upstream is a source reads the run's source.
+DOWNSTREAM: tuple[Stage, ...] = (FILTER, DEDUP, CURATE, SHARD, TRAIN, EVALUATE)
+# Each source's DAG, in order. Adding a stage: a package whose stage.py defines its Stage, and one entry in
+# DOWNSTREAM (or in SOURCES, for another way data comes in).
+PIPELINES: dict[str, tuple[Stage, ...]] = {
+    s.stage.name: (s.stage, *(dataclasses.replace(st, upstream=s.stage.name)
+                              if st.upstream in SOURCE_NAMES and st.upstream != s.stage.name else st
+                              for st in DOWNSTREAM))
+    for s in SOURCES}
+# A crawl run's DAG (the default source) and its stage names; `pipeline(cfg)` and `stages(cfg)` give a run's own.
+PIPELINE: tuple[Stage, ...] = PIPELINES["crawl"]
+STAGES = tuple(st.name for st in PIPELINE)
+# Every stage by name: each has its section in the run config.
+BY_NAME: dict[str, Stage] = {st.name: st for st in (*(s.stage for s in SOURCES), *DOWNSTREAM)}
+
+
+def _source(name: str) -> Source:
+    return next(s for s in SOURCES if s.stage.name == name)
 
 
 @dataclass
@@ -83,10 +128,16 @@ class RunSettings:
 
 def _run_config() -> type:
     """RunSettings plus one section per stage (its own config; `Stage.doc` is the field's comment). The runner
-    sets what wires the sections together (inputs, output paths, S3 options, Ray): see `Stage.wired`."""
+    sets what wires the sections together (inputs, output paths, S3 options, Ray): see `Stage.wired`. A source's
+    section is None unless it is the run's source (`load_run_config` chooses)."""
     fields = []
-    for st in PIPELINE:
+    for st in BY_NAME.values():
         meta = {"doc": st.doc}
+        if st.name in SOURCE_NAMES:
+            meta["doc"] += (f"; the run's source when {_source(st.name).key} is set (exactly one of "
+                            f"{', '.join(s.key for s in SOURCES)})")
+            fields.append((st.name, st.section, field(default=None, metadata=meta)))
+            continue
         fields.append((st.name, st.section, field(default_factory=st.default, metadata=meta) if st.default
                        else field(metadata=meta)))
     cls = dataclasses.make_dataclass("RunConfig", fields, bases=(RunSettings,), kw_only=True)
@@ -98,11 +149,13 @@ RunConfig = _run_config()
 
 
 def load_run_config(path: str | None, overrides: list[str] = ()) -> Any:
-    """RunConfig from YAML + overrides. Wired keys are refused, then filled with placeholders so that
-    each stage section validates as that stage's own config (errors name e.g. `dedup.dedup.partitions`);
-    then every stage's wired config is built once, so a value only the wiring checks fails here too."""
+    """RunConfig from YAML + overrides. The source is the one whose input is set (the other sources' sections
+    are dropped). Wired keys are refused, then filled with placeholders so that each stage section validates
+    as that stage's own config (errors name e.g. `dedup.dedup.partitions`); then every stage's wired config
+    is built once, so a value only the wiring checks fails here too."""
     data, source = load_raw(path, overrides)
-    for st in PIPELINE:
+    src = _choose_source(data, source)
+    for st in PIPELINES[src.stage.name]:
         section = data.get(st.name)
         if section is not None and st.wired and not isinstance(section, dict):
             raise ConfigError(f"{st.name} in {source} must be a mapping")
@@ -117,9 +170,64 @@ def load_run_config(path: str | None, overrides: list[str] = ()) -> Any:
         if "input" in st.wired:
             data.setdefault(st.name, {})["input"] = f"<{st.upstream} output, set by the runner>"
     cfg = build_config(RunConfig, data, source)
-    for st in PIPELINE:
+    for st in pipeline(cfg):
         st.wire(getattr(cfg, st.name), _wiring(cfg, st, {}, ""))
     return cfg
+
+
+def _choose_source(data: dict[str, Any], where: str) -> Source:
+    """The source whose input the raw config sets (exactly one must); the other sources' sections are removed."""
+
+    def is_set(src: Source) -> bool:
+        node = raw_value(data.get(src.stage.name))
+        if node is not None and not isinstance(node, dict):
+            raise ConfigError(f"{src.stage.name} in {where} must be a mapping (or null: not the run's source)")
+        for part in src.input_key.split("."):
+            node = raw_value(node.get(part)) if isinstance(node, dict) else None
+        return node not in (None, "", [])
+
+    chosen = [s for s in SOURCES if is_set(s)]
+    if not chosen:
+        raise ConfigError(f"no data source in {where}: set "
+                          + " or ".join(f"{s.key} ({s.what})" for s in SOURCES))
+    if len(chosen) > 1:
+        raise ConfigError(f"{' and '.join(s.key for s in chosen)} are both set in {where}: a run starts from one "
+                          f"source; unset the other (e.g. {chosen[0].stage.name}=null)")
+    for s in SOURCES:
+        if s is not chosen[0]:
+            data.pop(s.stage.name, None)
+    return chosen[0]
+
+
+def source_of(cfg: Any) -> Source:
+    """The run's source: the one source section the config holds."""
+    found = [s for s in SOURCES if getattr(cfg, s.stage.name) is not None]
+    if len(found) != 1:
+        raise ConfigError(f"a run config holds exactly one of the sections {', '.join(SOURCE_NAMES)}, "
+                          f"got {len(found)} (load it with load_run_config)")
+    return found[0]
+
+
+def pipeline(cfg: Any) -> tuple[Stage, ...]:
+    """The run's stages, in order: its source, then DOWNSTREAM (the first of which reads the source)."""
+    return PIPELINES[source_of(cfg).stage.name]
+
+
+def stages(cfg: Any) -> tuple[str, ...]:
+    """The names of the run's stages, in order (a crawl run's are STAGES)."""
+    return tuple(st.name for st in pipeline(cfg))
+
+
+def _stage(cfg: Any, name: str) -> Stage:
+    for st in pipeline(cfg):
+        if st.name == name:
+            return st
+    raise ValueError(_not_in_run(name, stages(cfg)))
+
+
+def _not_in_run(name: str, order: tuple[str, ...]) -> str:
+    return (f"stage {name} is not in this run: its source is {order[0]} ({_source(order[0]).key} is set), so its "
+            f"stages are {', '.join(order)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,20 +245,20 @@ def _wiring(cfg: Any, st: Stage, dirs: dict[str, str], output: str) -> Wiring:
 
 def wire(cfg: Any, stage: str, dirs: dict[str, str], fp: str | None = None) -> Any:
     """The stage's own config, reading its upstream's directory; `fp` (when known) names its output."""
-    st = BY_NAME[stage]
+    st = _stage(cfg, stage)
     return st.wire(getattr(cfg, stage), _wiring(cfg, st, dirs, stage_dir(cfg, stage, fp) if fp else ""))
 
 
 def stage_fingerprint(cfg: Any, stage: str, dirs: dict[str, str]) -> str:
     """The fingerprint `stage` commits under, given its upstream directories (which must be committed)."""
-    return BY_NAME[stage].fingerprint(wire(cfg, stage, dirs))
+    return _stage(cfg, stage).fingerprint(wire(cfg, stage, dirs))
 
 
 def validate(cfg: Any) -> None:
     """What can be checked before any stage runs: the root is reachable with the given credentials, and
     every stage's own checks (input lists exist, model names are known, eval sets and prompt files exist)."""
     Storage.from_uri(cfg.root, cfg.s3)  # S3: one head_bucket with the configured credentials
-    for st in PIPELINE:
+    for st in pipeline(cfg):
         if st.skip_when(getattr(cfg, st.name)) is None:
             st.validate(st.wire(getattr(cfg, st.name), _wiring(cfg, st, {}, "")))
 
@@ -177,31 +285,47 @@ class Selection:
     only: tuple[str, ...] = ()
     from_: str | None = None
     force: tuple[str, ...] = ()
+    #: The run's stages in order (`stages(cfg)`; plan, decide and run_pipeline set it); () = a crawl run's.
+    order: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in (*self.only, *self.force, *([self.from_] if self.from_ else [])):
-            if name not in STAGES:
-                raise ValueError(f"unknown stage {name!r}: stages are {', '.join(STAGES)}")
+            if name not in BY_NAME:
+                raise ValueError(f"unknown stage {name!r}: stages are {' or '.join(SOURCE_NAMES)} (the run's "
+                                 f"source), then {', '.join(st.name for st in DOWNSTREAM)}")
+            if self.order and name not in self.order:
+                raise ValueError(_not_in_run(name, self.order))
         if self.only and self.from_:
             raise ValueError("--only and --from cannot be combined")
+
+    def of(self, cfg: Any) -> Selection:
+        """This selection for `cfg`'s stages (an error if it names a source the run does not start from)."""
+        order = stages(cfg)
+        return self if self.order == order else dataclasses.replace(self, order=order)
+
+    @property
+    def _order(self) -> tuple[str, ...]:
+        return self.order or STAGES
 
     def selected(self, stage: str) -> bool:
         if self.only:
             return stage in self.only
         if self.from_:
-            return STAGES.index(stage) >= STAGES.index(self.from_)
+            return self._order.index(stage) >= self._order.index(self.from_)
         return True
 
     def forced(self, stage: str) -> bool:
-        return stage in self.force or (self.from_ is not None and STAGES.index(stage) >= STAGES.index(self.from_))
+        return stage in self.force or (self.from_ is not None and
+                                       self._order.index(stage) >= self._order.index(self.from_))
 
     def needed_later(self, stage: str) -> bool:
-        return any(self.selected(s) for s in STAGES[STAGES.index(stage) + 1:])
+        return any(self.selected(s) for s in self._order[self._order.index(stage) + 1:])
 
 
 def decide(cfg: Any, stage: str, dirs: dict[str, str], sel: Selection, upstream_runs: str | None) -> Step:
     """What to do with one stage now. `upstream_runs` names a stage before it that is still to run."""
-    st = BY_NAME[stage]
+    st = _stage(cfg, stage)
+    sel = sel.of(cfg)
     skip = st.skip_when(getattr(cfg, stage))
     if skip is not None:
         return Step(stage, "skip", skip)
@@ -247,9 +371,10 @@ def _why_not_committed(cfg: Any, st: Stage, path: str) -> str:
 def plan(cfg: Any, sel: Selection) -> list[Step]:
     """The plan as far as it can be known now (downstream of a stage that runs is pending), after the checks
     that need no stage output (`validate`): a bad eval path or model name fails here, not hours later."""
+    sel = sel.of(cfg)  # --only crawl on a run that ingests fails here, before any check
     validate(cfg)
     steps, dirs, upstream_runs = [], {}, None
-    for stage in STAGES:
+    for stage in sel.order:
         step = decide(cfg, stage, dirs, sel, upstream_runs)
         steps.append(step)
         if step.action == "run" and upstream_runs is None:
@@ -272,6 +397,7 @@ def run_pipeline(cfg: Any, sel: Selection = Selection(), dry_run: bool = False,
     """Run the DAG; returns {"plan": [...], "dirs": {stage: path}, "report": uri, ...}.
     `initial`: the plan if the caller already computed it (the CLI does, to report its errors)."""
     started = time.time()
+    sel = sel.of(cfg)
     initial = initial if initial is not None else plan(cfg, sel)
     print(format_plan(initial), flush=True)
     if dry_run:
@@ -281,7 +407,7 @@ def run_pipeline(cfg: Any, sel: Selection = Selection(), dry_run: bool = False,
     results: dict[str, Any] = {}
     error: BaseException | None = None
     try:
-        for stage in STAGES:
+        for stage in sel.order:
             step = decide(cfg, stage, dirs, sel, None)
             executed.append(step)
             if step.action == "skip":
@@ -313,7 +439,7 @@ def run_pipeline(cfg: Any, sel: Selection = Selection(), dry_run: bool = False,
 
 def _execute(cfg: Any, stage: str, dirs: dict[str, str], step: Step) -> Any:
     """Run one stage through its contract; it commits its own manifest, which must carry the planned fingerprint."""
-    st = BY_NAME[stage]
+    st = _stage(cfg, stage)
     stage_cfg = wire(cfg, stage, dirs, step.fingerprint)
     if committed(Storage.from_uri(step.path, cfg.s3), step.fingerprint) is None:
         stage_cfg = st.fresh(stage_cfg)
@@ -420,12 +546,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def wired_keys() -> list[str]:
     """The dotted run-config keys the runner sets itself (left out of --help and --print-config)."""
-    return [f"{st.name}.{key}" for st in PIPELINE for key in st.wired]
+    return [f"{st.name}.{key}" for st in BY_NAME.values() for key in st.wired]
 
 
 def printable_config(cfg: Any) -> dict[str, Any]:
-    """The run config as a YAML mapping that load_run_config takes back: without the wired keys."""
+    """The run config as a YAML mapping that load_run_config takes back: without the wired keys (and without
+    the sections of the sources the run does not start from)."""
     data = to_dict(cfg)
+    for name in SOURCE_NAMES:
+        if data.get(name) is None:
+            data.pop(name, None)
     for key in wired_keys():
         *parents, leaf = key.split(".")
         node = data

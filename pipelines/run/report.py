@@ -60,8 +60,8 @@ MAX_SAMPLES = 48
 PLAN_ACTIONS = ("run", "reuse", "skip", "pending")
 # Stages with their own report sections, not part of the data funnel.
 NON_DATA_STAGES = ("train", "evaluate")
-# Stage order of the pipeline; stages outside this list follow in the order given.
-STAGE_ORDER = ("crawl", "filter", "dedup", "curate", "shard", "train", "evaluate")
+# Stage order of the pipeline (one source: crawl or ingest); stages outside this list follow in the order given.
+STAGE_ORDER = ("crawl", "ingest", "filter", "dedup", "curate", "shard", "train", "evaluate")
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:24px auto;
