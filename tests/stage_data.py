@@ -32,3 +32,31 @@ def commit_rows(uri: str, rows: list[dict], rows_per_part: int = 50, stage: str 
         parts.append(store.commit(f"part-{i // rows_per_part:05d}", pa.Table.from_pylist(chunk, schema=SAMPLE_SCHEMA),
                                   REJECTED_SCHEMA.empty_table(), len(chunk)))
     finish_stage(st, stage, fp, parts, SAMPLE_SCHEMA, {}, time.time(), [])
+
+
+def scene_images(n: int, seed: int) -> list[bytes]:
+    """n distinct synthetic "scenes": 4x4 random colour fields upscaled to 64 px (smooth, so a random tiny ViT,
+    which sees mostly mean patch colours, tells them apart; see test_dedup_core's semantic tests)."""
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.demo.synthetic import encode
+
+    cells = np.random.default_rng(seed).integers(0, 256, (n, 4, 4, 3), dtype=np.uint8)
+    return [encode(Image.fromarray(c).resize((64, 64), Image.BICUBIC), "PNG") for c in cells]
+
+
+def scene_copy(image: bytes, k: int) -> bytes:
+    """A semantic (not byte-level) copy: cropped by 2+k px a side and resized back, recoloured slightly,
+    re-encoded as JPEG at quality 60+10k."""
+    import io
+
+    from PIL import Image, ImageEnhance
+
+    from pipelines.demo.synthetic import encode
+
+    img = Image.open(io.BytesIO(image)).convert("RGB")
+    w, h = img.size
+    c = 2 + k
+    img = ImageEnhance.Color(img.crop((c, c, w - c, h - c)).resize((w, h), Image.BICUBIC)).enhance(0.9 + 0.05 * k)
+    return encode(img, "JPEG", quality=60 + 10 * k)

@@ -180,3 +180,67 @@ def test_dedup_reads_stored_colour_and_computes_only_the_missing(tmp_path) -> No
     kept = set(Storage.from_uri(str(tmp_path / "out")).read_parquet(m.file_paths()).column("url").to_pylist())
     assert {"http://c.test/red.jpg", "http://c.test/orange.jpg"} <= kept
     assert "http://c.test/red2.jpg" not in kept and m.rejected.get("near_dup_image") == 1
+
+
+def test_semantic_dedup_stage(tmp_path) -> None:
+    """Semantic dedup on (a random tiny ViT, the threshold measured in test_dedup_core): 3 groups of a scene and
+    two copies collapse to one row each with semantic_dup naming it, 12 distinct scenes stay, and a copy of an
+    eval image goes as eval_semantic_dup. The pHash rules are pinned to exact matches so the copies (6-12 bits
+    from their originals) reach the semantic step. With semantic off the fingerprint is the one from before
+    the semantic keys existed (committed outputs stay valid)."""
+    import torch
+
+    from clip_model import build_model, get_config
+    from clip_model.export import save_export
+    from clip_model.tokenizer import ClipTokenizer
+    from pipelines.core.config import to_dict
+    from pipelines.core.manifest import fingerprint, read_committed
+    from pipelines.dedup.stage import fingerprint_of
+
+    from .stage_data import scene_copy, scene_images
+    from .test_dedup_core import SEMANTIC_THRESHOLD
+
+    torch.manual_seed(0)  # the model test_dedup_core measured
+    ckpt = str(tmp_path / "tiny-vit")
+    save_export(build_model(get_config("tiny-vit")), ckpt, ClipTokenizer.from_openai_bpe())
+    scenes = scene_images(34, seed=7)
+    rows, group = [], {}
+    for g, im in enumerate(scenes[:15]):
+        for k, b in enumerate([im] + ([scene_copy(im, 0), scene_copy(im, 1)] if g < 3 else [])):
+            rows.append(sample_row(b, f"scene {g} copy {k}", f"http://s.test/{g}-{k}.jpg"))
+            group[rows[-1]["key"]] = g
+    for j, im in enumerate(scenes[30:]):
+        (tmp_path / "eval" / "scene").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "eval" / "scene" / f"{j}.png").write_bytes(im)
+    rows.append(sample_row(scene_copy(scenes[31], 1), "a leaked eval scene", "http://leak.test/1.jpg"))
+    src = str(tmp_path / "filter")
+    commit_rows(src, rows, rows_per_part=8, stage="filter")
+    base = [f"input={src}", "ray.num_cpus=4", "dedup.hamming_threshold=0", "dedup.eval_hamming=0",
+            f"eval_sets=[{{name: scenes, dataset: 'imagefolder:{tmp_path / 'eval'}'}}]"]
+    on = [f"dedup.semantic.checkpoint={ckpt}", f"dedup.semantic.threshold={SEMANTIC_THRESHOLD}"]
+
+    off = load_config(DedupStageConfig, None, base + [f"output.path={tmp_path / 'off'}"])
+    conf = to_dict(off.dedup)
+    del conf["semantic"]
+    sizes = [{"name": "scenes", "files": 4, "bytes": sum(len(b) for b in scenes[30:])}]
+    assert fingerprint_of(off) == fingerprint("dedup", {"dedup": conf, "eval_sets": sizes},
+                                              [read_committed(src, None, "input")[1]])
+    assert fingerprint_of(load_config(DedupStageConfig, None, base + on + [f"output.path={tmp_path}/x"])) \
+        != fingerprint_of(off)
+
+    out = str(tmp_path / "on")
+    m = run(load_config(DedupStageConfig, None, base + on + [f"output.path={out}"]))
+    assert m.rejected == {"semantic_dup": 6, "eval_semantic_dup": 1}
+    sem = m.extra["semantic"]
+    assert sem["embedded_rows"] == len(rows) == 22 and sem["eval_images"] == 4
+    assert sem["semantic_dup"] == 6 and sem["eval_semantic_dup"] == 1 and sem["edges"] >= 6
+    assert sem["clusters"] == 2 and "semantic_s" in m.timings
+    kept = Storage.from_uri(out).read_parquet(m.file_paths()).column("key").to_pylist()
+    assert sorted(group[k] for k in kept) == list(range(15))  # one row per scene, the leak gone
+    rejected = Storage.from_uri(out).read_parquet([f["path"] for f in m.extra["rejected_files"]]).to_pylist()
+    for r in rejected:
+        if r["reason"] == "semantic_dup":
+            rep, cos = r["detail"].split(" cos=")
+            assert rep in kept and group[rep] == group[r["key"]] and float(cos) >= SEMANTIC_THRESHOLD
+        else:
+            assert r["reason"] == "eval_semantic_dup" and r["detail"].startswith("scenes#")

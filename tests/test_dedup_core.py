@@ -345,3 +345,112 @@ def test_images_differing_only_in_colour_are_not_merged_nor_decontaminated(ray_c
     hits = lambda threshold: sum(s != "" for s in EvalMatcher(index, 8, threshold)(table).column("eval_set").to_pylist())  # noqa: E731
     assert hits(DedupConfig().colour_threshold) == 1
     assert hits(None) >= 4
+
+
+# ---------------------------------------------------------------- semantic dedup (no Ray)
+
+# A random tiny ViT (width 64, 2 layers, 32 px, torch seed 0) on tests/stage_data.scene_images: measured over
+# 3 x 30 scenes with two copies each (scene_copy: 2-3 px crop, colour x0.9-0.95, JPEG q60-70), copies sit at
+# cosine >= 0.998 of their original and of each other, distinct scenes <= 0.997 (mean 0.96: a random tower's
+# embeddings share one big direction). A trained CLIP spreads distinct images far more.
+SEMANTIC_THRESHOLD = 0.9975
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> str:
+    import torch
+
+    from clip_model import build_model, get_config
+    from clip_model.export import save_export
+    from clip_model.tokenizer import ClipTokenizer
+
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("semantic") / "tiny-vit")
+    save_export(build_model(get_config("tiny-vit")), path, ClipTokenizer.from_openai_bpe())
+    return path
+
+
+def _embed_here(checkpoint: str, images: list[bytes]) -> np.ndarray:
+    import torch
+
+    from pipelines.core.embedding import ImageEmbedder
+
+    threads = torch.get_num_threads()  # ImageEmbedder sets its actor's thread count; give it back after
+    emb = ImageEmbedder(checkpoint, None, with_phash=False)({"image": np.array(images, dtype=object),
+                                                             "id": np.arange(len(images))})["embedding"]
+    torch.set_num_threads(threads)
+    return emb
+
+
+def _semantic_plan_here(keys: list[str], emb: np.ndarray, cfg) -> dict[str, str]:
+    """The Ray plan's steps in-process: sample, fit, assign, then each cluster's duplicates. {dropped: detail}"""
+    from pipelines.dedup.semantic import cluster_duplicates, fit_centroids, in_sample, n_clusters, nearest_centroid
+
+    keys_arr = np.asarray(keys)
+    picked = in_sample(keys_arr, min(1.0, cfg.sample_rows / len(keys)))
+    order = np.argsort(keys_arr[picked], kind="stable")
+    sample = emb[picked][order]
+    centroids = fit_centroids(sample, n_clusters(len(keys), len(sample), cfg), cfg)
+    cluster = nearest_centroid(emb, centroids)
+    out = {}
+    for c in np.unique(cluster):
+        idx = np.flatnonzero(cluster == c)
+        drop, rep, cos, _ = cluster_duplicates([keys[i] for i in idx], np.full(len(idx), 64 * 64), emb[idx],
+                                               cfg.threshold)
+        out.update({keys[idx[d]]: f"{keys[idx[r]]} cos={c:.4f}" for d, r, c in zip(drop, rep, cos)})
+    return out
+
+
+def test_semantic_plan_collapses_copies_and_keeps_distinct_scenes(tiny_clip) -> None:
+    from pipelines.dedup.semantic import SemanticConfig, best_eval_match
+
+    from .stage_data import scene_copy, scene_images
+
+    scenes = scene_images(34, seed=7)
+    originals, evals = scenes[:30], scenes[30:]
+    images, group = [], []
+    for g, im in enumerate(originals):
+        copies = [scene_copy(im, 0), scene_copy(im, 1)] if g < 6 else []  # 6 groups of 3, 24 singletons
+        images += [im, *copies]
+        group += [g] * (1 + len(copies))
+    keys = [hashlib.sha1(b).hexdigest() for b in images]
+    emb = _embed_here(tiny_clip, images)
+    # The measurement the threshold rests on, on this data.
+    sims, gid = emb @ emb.T, np.asarray(group)
+    iu = np.triu_indices(len(images), 1)
+    same = gid[iu[0]] == gid[iu[1]]
+    assert sims[iu][same].min() >= 0.998 > SEMANTIC_THRESHOLD > 0.997 >= sims[iu][~same].max()
+
+    cfg = SemanticConfig(checkpoint=tiny_clip, threshold=SEMANTIC_THRESHOLD)
+    dropped = _semantic_plan_here(keys, emb, cfg)
+    for g in range(30):
+        members = {k for k, h in zip(keys, group) if h == g}
+        kept = members - set(dropped)
+        assert len(kept) == 1, g  # every copy group collapses; every distinct scene stays
+        (rep,) = kept
+        assert rep == min(members)  # equal areas: the smallest key, as for pHash components
+        assert all(dropped[k].split()[0] == rep for k in members - kept)
+    assert len(dropped) == 12
+    # Deterministic: rows in another order (and a smaller sample, clusters from it) give the same drops.
+    perm = np.random.default_rng(3).permutation(len(keys))
+    again = _semantic_plan_here([keys[i] for i in perm], emb[perm], cfg)
+    assert again == dropped
+    # Decontamination: a copy of eval image 1 is within the threshold of it; no other row is.
+    leak = _embed_here(tiny_clip, [scene_copy(evals[1], 1)])
+    best, cos = best_eval_match(np.r_[emb, leak], _embed_here(tiny_clip, evals))
+    assert np.flatnonzero(cos >= SEMANTIC_THRESHOLD).tolist() == [len(keys)] and best[-1] == 1
+
+
+def test_semantic_config_validation_and_defaults() -> None:
+    from pipelines.dedup.semantic import SemanticConfig, n_clusters
+
+    assert not DedupConfig().semantic.enabled
+    for bad, field in (({"threshold": 1.5}, "semantic.threshold"), ({"activation": "relu"}, "semantic.activation"),
+                       ({"clusters": 0}, "semantic.clusters"), ({"sample_rows": 0}, "semantic.sample_rows"),
+                       ({"actors": 0}, "semantic.actors")):
+        with pytest.raises(ValueError, match=field):
+            SemanticConfig(**bad)
+    cfg = SemanticConfig()
+    assert n_clusters(10_000, 10_000, cfg) == 100  # ceil(sqrt(n))
+    assert n_clusters(10_000_000, 100_000, cfg) == 3163 and n_clusters(40, 40, cfg) == 4  # <= sample / 10
+    assert n_clusters(100, 100, SemanticConfig(clusters=500)) == 100  # never more than the sample

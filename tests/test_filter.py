@@ -117,7 +117,8 @@ def test_clip_score_activation_key(tmp_path) -> None:
     from pipelines.core.config import to_dict
     from pipelines.core.manifest import fingerprint, read_committed
     from pipelines.core.storage import S3Options
-    from pipelines.evaluate.stage import ImageEmbedder, _text_features
+    from pipelines.core.embedding import ImageEmbedder
+    from pipelines.evaluate.stage import _text_features
     from pipelines.filter.stage import ClipScorer, fingerprint_of
 
     torch.manual_seed(0)

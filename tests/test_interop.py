@@ -302,7 +302,8 @@ def test_readme_weights_commands(tmp_path, gelu_ref, monkeypatch) -> None:
     """The README's weight commands on files of those names: evaluate's checkpoint + activation keys load the
     open_clip checkpoint through evaluate's own loader, and the two conversions run as written."""
     from pipelines.core.config import load_config
-    from pipelines.evaluate.stage import EvalConfig, ImageEmbedder, fingerprint_of
+    from pipelines.core.embedding import ImageEmbedder
+    from pipelines.evaluate.stage import EvalConfig, fingerprint_of
 
     monkeypatch.chdir(tmp_path)  # the README's relative paths, made here
     threads = torch.get_num_threads()  # ImageEmbedder sets its actor's thread count; give it back after

@@ -15,7 +15,7 @@ The output is deterministic: every choice is a minimum over ids/keys, never "the
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,16 +27,21 @@ from ray.data.aggregate import Count, Sum
 
 from pipelines.dedup import near_dup as nd
 from pipelines.dedup.components import connected_components
+from pipelines.dedup.semantic import SemanticConfig
 from pipelines.core.runtime import data_args
 
-REASONS = ("exact_dup_url", "exact_dup_image", "near_dup_image", "near_dup_caption", "eval_overlap")
+# semantic_dup and eval_semantic_dup come from semantic.plan_semantic, when DedupConfig.semantic is on.
+REASONS = ("exact_dup_url", "exact_dup_image", "near_dup_image", "near_dup_caption", "eval_overlap",
+           "semantic_dup", "eval_semantic_dup")
 REQUIRED_COLUMNS = ("key", "url", "sha256", "phash", "width", "height", "original_width", "original_height",
                     "file_idx")  # and colour_sig unless DedupConfig.colour_threshold is None
 DROPPED_SCHEMA = pa.schema([
     ("key", pa.string()),
     ("file_idx", pa.int64()),
     ("reason", pa.string()),  # one of REASONS
-    ("detail", pa.string()),  # the kept representative's key, or the eval set name for eval_overlap
+    # the kept representative's key, or the eval set name for eval_overlap; the semantic reasons add
+    # " cos=0.9876" (semantic_dup: "<representative key> cos=..", eval_semantic_dup: "<set>#<image> cos=..")
+    ("detail", pa.string()),
     ("eval_hits", pa.list_(pa.string())),  # eval_overlap only: "set#index" of every eval image matched
 ])
 
@@ -93,6 +98,9 @@ class DedupConfig:
     # caller's context is untouched). Hash shuffle starts aggregator actors per groupby: ~20 s
     # each on a loaded 2-core box vs ~1-2 s for the pull-based sort shuffle. None = leave as is.
     shuffle_strategy: str | None = "sort_shuffle_pull_based"
+    # Semantic dedup on CLIP image embeddings of the rows the rules above keep (semantic.py). Off unless
+    # semantic.checkpoint is set; it counts in the stage's fingerprint only when on.
+    semantic: SemanticConfig = field(default_factory=SemanticConfig)
 
     def __post_init__(self) -> None:
         _check_range("hamming_threshold", self.hamming_threshold, 0, 32)

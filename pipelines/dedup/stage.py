@@ -6,6 +6,8 @@ The plan (which rows go, and why) is computed by `dedup_core.plan_dedup` with Ra
 and groupbys over the rows' hashes only, never the images and never on the driver. The drops are
 then routed to their input files with a groupby, and each input file becomes one output part
 holding the rows that stay; dropped rows go to `_rejected/` with the key of the row kept instead.
+With `dedup.semantic.checkpoint` set, the rows that survive that plan are embedded by a CLIP image tower
+and semantic duplicates (and near-copies of eval images) are dropped too (`semantic.py`).
 """
 
 from __future__ import annotations
@@ -130,24 +132,48 @@ def _signature(image: bytes | None) -> tuple[int, int]:
 
 
 class WriteDrops:
-    """Routes the plan's drops to one small Parquet file per input file, under the stage's _work/."""
+    """Routes drops to one small Parquet file per input file, under the stage's _work/ (`kind`: "drops" for
+    the plan's, "semantic" for semantic dedup's, which only ever drops rows the plan kept)."""
 
-    def __init__(self, out: Storage, fp: str) -> None:
+    def __init__(self, out: Storage, fp: str, kind: str = "drops") -> None:
         self.out = out
         self.fp = fp
+        self.kind = kind
 
     def __call__(self, group: pa.Table) -> pa.Table:
         idx = int(group.column("file_idx")[0].as_py())
-        self.out.write_parquet(group.select(["key", "reason", "detail"]), f"_work/{self.fp[:8]}/drops-{idx:05d}.parquet")
-        return pa.table({"file_idx": [idx], "drops": [group.num_rows]})
+        path = _drops_path(self.fp, self.kind, idx)
+        self.out.write_parquet(group.select(["key", "reason", "detail"]), path)
+        return pa.table({"file_idx": [idx], "path": [path]})
+
+
+def _drops_path(fp: str, kind: str, idx: int) -> str:
+    return f"_work/{fp[:8]}/{kind}-{idx:05d}.parquet"
+
+
+def _write_drops(drops: Any, out: Storage, fp: str, kind: str, drop_files: dict[int, list[str]]) -> None:
+    """Writes `drops` per input file and adds each file written to `drop_files` (input file -> its drop files)."""
+    written = drops.groupby("file_idx").map_groups(WriteDrops, batch_format="pyarrow",
+                                                    fn_constructor_kwargs={"out": out, "fp": fp, "kind": kind},
+                                                    concurrency=1, **data_args()).take_all()
+    for r in written:
+        drop_files.setdefault(int(r["file_idx"]), []).append(r["path"])
+
+
+_NO_DROPS = pa.schema([("key", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
+
+
+def _read_drops(storage: Storage, paths: list[str]) -> pa.Table:
+    return pa.concat_tables([storage.read_parquet(p).select(_NO_DROPS.names) for p in paths]) if paths \
+        else _NO_DROPS.empty_table()
 
 
 class ApplyDrops:
-    def __init__(self, inp: Storage, store: PartStore, fp: str, with_drops: set[int]) -> None:
+    def __init__(self, inp: Storage, store: PartStore, fp: str, drop_files: dict[int, list[str]]) -> None:
         self.inp = inp
         self.store = store
         self.fp = fp
-        self.with_drops = with_drops
+        self.drop_files = drop_files
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         out = []
@@ -158,11 +184,7 @@ class ApplyDrops:
 
     def _apply(self, name: str, idx: int, path: str) -> PartResult:
         table = self.inp.read_parquet(path)
-        if idx in self.with_drops:
-            drops = self.store.storage.read_parquet(f"_work/{self.fp[:8]}/drops-{idx:05d}.parquet")
-        else:
-            drops = pa.table({"key": pa.array([], pa.string()), "reason": pa.array([], pa.string()),
-                              "detail": pa.array([], pa.string())})
+        drops = _read_drops(self.store.storage, self.drop_files.get(idx, []))
         dropped_mask = pc.is_in(table.column("key"), value_set=drops.column("key"))
         kept = table.filter(pc.invert(dropped_mask))
         gone = table.filter(dropped_mask).select(["key", "url"])
@@ -179,7 +201,10 @@ def _prepare(cfg: DedupStageConfig) -> tuple[Storage, Manifest, list, str]:
     eval_sets = [open_eval_set(ref.dataset, cfg.input_s3, name=ref.name, classnames=[]) for ref in cfg.eval_sets]
     eval_sizes = [{"name": es.name, "files": len(es.files), "bytes": sum(es.storage.size(f) for f in es.files)}
                   for es in eval_sets]
-    conf = {"dedup": to_dict(cfg.dedup), "eval_sets": eval_sizes}
+    dedup = to_dict(cfg.dedup)
+    if not cfg.dedup.semantic.enabled:  # counts only when on: outputs committed before it stay valid
+        del dedup["semantic"]
+    conf = {"dedup": dedup, "eval_sets": eval_sizes}
     return inp, in_manifest, eval_sets, fingerprint(NAME, conf, [in_manifest])
 
 
@@ -202,6 +227,70 @@ def _colour_stats(keys: Any, stored: bool, eval_index: EvalIndex | None) -> dict
         why = "null or another layout in" if stored else "no colour_sig column in"
         print(f"dedup: colour signature computed from the image bytes for {computed:,} of {rows:,} rows ({why} the input)"
               + (f"; {unknown:,} do not decode: phash only" if unknown else ""), flush=True)
+    return stats
+
+
+def _survivors(batch: dict[str, Any], inp: Storage, out: Storage, drop_files: dict[int, list[str]]) -> pa.Table:
+    """The rows of each input file that the plan keeps: key (also as `id`, for the embedder), file_idx, area
+    (original pixels: the representative rule) and the image bytes."""
+    tables = []
+    for idx, path in zip(batch["file_idx"], batch["path"]):
+        table = inp.read_parquet(str(path), columns=["key", "image", "original_width", "original_height"])
+        gone = _read_drops(out, drop_files.get(int(idx), [])).column("key")
+        table = table.filter(pc.invert(pc.is_in(table.column("key"), value_set=gone)))
+        area = pc.multiply(pc.cast(table.column("original_width"), pa.int64()),
+                           pc.cast(table.column("original_height"), pa.int64()))
+        tables.append(pa.table({"key": table.column("key"), "id": table.column("key"),
+                                "file_idx": pa.array(np.full(table.num_rows, int(idx)), pa.int64()),
+                                "area": pc.fill_null(area, 0), "image": table.column("image")}))
+    return pa.concat_tables(tables)
+
+
+def _embed(ds: Any, cfg: DedupStageConfig, what: str) -> Any:
+    """`ds` with an `embedding` column (unit rows) instead of `image`: pipelines.core.embedding's ImageEmbedder, an actor pool
+    that loads the checkpoint once per actor."""
+    from ray.data import ActorPoolStrategy
+
+    from pipelines.core.embedding import ImageEmbedder
+
+    sem = cfg.dedup.semantic
+    return ds.map_batches(ImageEmbedder, batch_size=sem.batch_size, batch_format="numpy", num_cpus=1,
+                          compute=ActorPoolStrategy(min_size=1, max_size=sem.actors),
+                          fn_constructor_kwargs={"checkpoint": sem.checkpoint, "s3": cfg.input_s3, "with_phash": False,
+                                                 "activation": sem.activation, "what": what}, **data_args())
+
+
+def _eval_embeddings(eval_sets: list[EvalSet], cfg: DedupStageConfig) -> tuple[np.ndarray | None, list[str]]:
+    """Every eval image's embedding, labelled "<set>#<i>" (i: position when the set's ids are sorted)."""
+    vectors, labels = [], []
+    for es in eval_sets:
+        batches = list(_embed(read_eval_set(es), cfg, f"eval set {es.name} image").iter_batches(
+            batch_format="numpy", batch_size=None))
+        ids = np.concatenate([b["id"] for b in batches]).astype(str)
+        order = np.argsort(ids, kind="stable")
+        vectors.append(np.concatenate([b["embedding"] for b in batches]).astype(np.float32)[order])
+        labels += [f"{es.name}#{i}" for i in range(len(ids))]
+    return (np.concatenate(vectors) if vectors else None), labels
+
+
+def _semantic_dedup(cfg: DedupStageConfig, inp: Storage, out: Storage, fp: str, items: list[dict],
+                    drop_files: dict[int, list[str]], eval_sets: list[EvalSet], timings: dict) -> dict[str, Any]:
+    """Embeds the plan's survivors (and the eval images), plans semantic drops, writes them beside the plan's."""
+    import ray.data
+
+    from pipelines.dedup.semantic import plan_semantic
+
+    t0 = time.time()
+    eval_emb, eval_labels = _eval_embeddings(eval_sets, cfg)
+    rows = ray.data.from_items(items).map_batches(_survivors, batch_size=1, batch_format="numpy", **data_args(),
+                                                  fn_kwargs={"inp": inp, "out": out, "drop_files": drop_files})
+    emb = _embed(rows, cfg, "dedup input row").select_columns(["key", "file_idx", "area", "embedding"]).materialize()
+    timings["semantic_embed_s"] = round(time.time() - t0, 3)
+    drops, stats = plan_semantic(emb, cfg.dedup.semantic, eval_emb, eval_labels, cfg.dedup.partitions,
+                                 cfg.dedup.shuffle_strategy)
+    if drops is not None:
+        _write_drops(drops, out, fp, "semantic", drop_files)
+    print(f"dedup: semantic: {stats}", flush=True)
     return stats
 
 
@@ -246,20 +335,24 @@ def run(cfg: DedupStageConfig) -> Manifest:
     drops = plan_dedup(keys, cfg.dedup, eval_index).materialize()
     timings["plan_s"] = round(time.time() - t0, 3)
     report = overlap_report(drops, eval_index) if cfg.eval_sets else {}
-    written = drops.groupby("file_idx").map_groups(WriteDrops, batch_format="pyarrow",
-                                                    fn_constructor_kwargs={"out": out, "fp": fp},
-                                                    concurrency=1, **data_args()).take_all()
-    with_drops = {int(r["file_idx"]) for r in written}
-    store = PartStore(out, NAME, fp, cfg.output.row_group_size)
+    drop_files: dict[int, list[str]] = {}
+    _write_drops(drops, out, fp, "drops", drop_files)
     items = [{"file_idx": i, "path": f} for i, f in enumerate(files)]
-    parts = run_file_parts(items, ApplyDrops, {"inp": inp, "store": store, "fp": fp, "with_drops": with_drops},
+    semantic = {}
+    if cfg.dedup.semantic.enabled:
+        t0 = time.time()
+        semantic = _semantic_dedup(cfg, inp, out, fp, items, drop_files, eval_sets, timings)
+        timings["semantic_s"] = round(time.time() - t0, 3)
+    store = PartStore(out, NAME, fp, cfg.output.row_group_size)
+    parts = run_file_parts(items, ApplyDrops, {"inp": inp, "store": store, "fp": fp, "drop_files": drop_files},
                            cfg.workers)
     if report:
         print("dedup: eval-set overlap (paper section 5)")
         for name, r in report.items():
             print(f"  {name}: {r}")
     manifest = finish_stage(out, NAME, fp, parts, schema, to_dict(cfg), started, [cfg.input],
-                            extra={"eval_overlap": report, "colour_sig": colour_stats}, timings=timings)
+                            extra={"eval_overlap": report, "colour_sig": colour_stats, "semantic": semantic},
+                            timings=timings)
     out.delete_prefix(f"_work/{fp[:8]}")
     return manifest
 
