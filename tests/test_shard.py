@@ -58,6 +58,12 @@ def test_shards_are_deterministic_sized_and_readable(rows, tmp_path) -> None:
     d = shard(src, str(tmp_path / "d"), "shuffle=false")
     assert Storage.from_uri(str(tmp_path / "d")).read_parquet(d.file_paths()).column("key").to_pylist() == \
         input_order
+    # Fewer rows than one shard holds: one shard (shuffled, or in input order), not Ray's default block count.
+    for name, extra, want_order in (("e", (), None), ("f", ("shuffle=false",), input_order)):
+        m = shard(src, str(tmp_path / name), "rows_per_shard=1000", *extra)
+        assert len(m.files) == 1 and m.files[0].rows == 150, m.files
+        got = Storage.from_uri(str(tmp_path / name)).read_parquet(m.file_paths()).column("key").to_pylist()
+        assert got == want_order if want_order else (sorted(got) == sorted(input_order) and got != input_order)
 
 
 def test_shards_on_s3(rows, s3_server) -> None:

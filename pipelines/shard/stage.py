@@ -147,9 +147,10 @@ def run(cfg: ShardConfig) -> Manifest:
         # Input order, made explicit: Ray's repartition was seen to interleave blocks of two input
         # files. Order key = input file index, then the row's key: every stage commits its parts
         # sorted by key, so this is the committed order. Boundaries fall on file starts.
+        starts: list[int] = []
         files = in_manifest.file_paths()
         index_of = {inp.fs_path(f): i for i, f in enumerate(files)}
-        starts, total = [], 0
+        total = 0
         for i, f in enumerate(in_manifest.files):
             if i and total >= per_shard * (len(starts) + 1):
                 starts.append(i << 40)
@@ -158,6 +159,10 @@ def run(cfg: ShardConfig) -> Manifest:
               .map_batches(_input_order, batch_format="pyarrow", fn_kwargs={"index_of": index_of}, **data_args())
               .sort(_ORDER, boundaries=starts or None)
               .drop_columns([_ORDER]))
+    if num_shards == 1 if cfg.shuffle else not starts:
+        # One shard: a sort without boundaries splits into Ray's default number of blocks (12 files of ~150
+        # rows were written for 1,929 rows and a 2,000-row target); one block, in the sorted order, instead.
+        ds = ds.repartition(1)
     # Shards live under data/, which this write replaces whole (Ray's OVERWRITE mode, which also lets
     # names be deterministic). An older manifest is removed first: it would list files being replaced.
     out.delete(MANIFEST_NAME)  # a missing file is not an error
