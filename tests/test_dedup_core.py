@@ -454,3 +454,35 @@ def test_semantic_config_validation_and_defaults() -> None:
     assert n_clusters(10_000, 10_000, cfg) == 100  # ceil(sqrt(n))
     assert n_clusters(10_000_000, 100_000, cfg) == 3163 and n_clusters(40, 40, cfg) == 4  # <= sample / 10
     assert n_clusters(100, 100, SemanticConfig(clusters=500)) == 100  # never more than the sample
+
+
+def test_semantic_embedding_rejects_an_undecodable_row_instead_of_raising(tiny_clip) -> None:
+    """One training row whose bytes do not decode: the dedup embedder flags it (zero vector, its error) where
+    evaluate's raises, and the stage turns it into a `semantic_undecodable` reject with the error as detail;
+    the other rows' embeddings are those of a batch without it."""
+    import pyarrow as pa
+    import torch
+
+    from pipelines.core.embedding import ImageEmbedder
+    from pipelines.dedup.stage import _decoded, _undecodable_drops
+
+    from .stage_data import scene_images
+
+    checkpoint = tiny_clip
+    good = scene_images(2, seed=3)
+    threads = torch.get_num_threads()
+    batch = {"image": np.array([good[0], b"\x89PNG not an image", good[1]], dtype=object),
+             "id": np.array(["a", "b", "c"]), "key": np.array(["a", "b", "c"]),
+             "file_idx": np.array([0, 0, 1]), "area": np.array([4, 4, 4])}
+    with pytest.raises(ValueError, match="eval image b: not a decodable image"):
+        ImageEmbedder(checkpoint, None, with_phash=False)(dict(batch))
+    out = ImageEmbedder(checkpoint, None, with_phash=False, what="dedup input row", flag_undecodable=True)(dict(batch))
+    torch.set_num_threads(threads)
+    assert out["error"][0] == out["error"][2] == "" and out["error"][1].startswith("dedup input row b: not a decodable")
+    assert not out["embedding"][1].any()
+    np.testing.assert_allclose(out["embedding"][[0, 2]], _embed_here(checkpoint, good), atol=1e-6)
+    kept = _decoded(out)
+    assert kept["key"].tolist() == ["a", "c"] and set(kept) == {"key", "file_idx", "area", "embedding"}
+    table = pa.table({"key": out["key"], "file_idx": out["file_idx"], "error": pa.array(out["error"].tolist())})
+    drops = _undecodable_drops(table).to_pylist()
+    assert drops == [{"key": "b", "file_idx": 0, "reason": "semantic_undecodable", "detail": out["error"][1]}]

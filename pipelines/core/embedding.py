@@ -23,12 +23,15 @@ class ImageEmbedder:
     """
 
     def __init__(self, checkpoint: str, s3: S3Options | None, with_phash: bool, threads: int = 1,
-                 activation: str | None = None, what: str = "eval image") -> None:
+                 activation: str | None = None, what: str = "eval image", flag_undecodable: bool = False) -> None:
         torch.set_num_threads(threads)  # actors share the node's cores; torch would take them all
         self.model, _ = load_export(local_checkpoint(checkpoint, s3), activation=activation)
         self.transform = EvalTransform(self.model.image_size)
         self.with_phash = with_phash
         self.what = what  # names a row in errors: dedup embeds training rows with it too
+        # True: an image that does not decode gets a zero embedding and its error in an `error` column (dedup
+        # rejects such rows with a reason) instead of raising out of the stage.
+        self.flag_undecodable = flag_undecodable
 
     def _decode(self, data: bytes, ident: str) -> torch.Tensor:
         try:
@@ -38,10 +41,26 @@ class ImageEmbedder:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = torch.stack([self._decode(b, str(i)) for b, i in zip(batch["image"], batch["id"])])  # B, 3, S, S
-        feats = F.normalize(self.model.encode_image(images).float(), dim=-1)  # B, D
+        tensors, errors = [], []
+        for b, i in zip(batch["image"], batch["id"]):
+            try:
+                tensors.append(self._decode(b, str(i)))
+                errors.append("")
+            except ValueError as err:
+                if not self.flag_undecodable:
+                    raise
+                tensors.append(None)
+                errors.append(str(err)[:300])
+        ok = [t for t in tensors if t is not None]
+        feats = F.normalize(self.model.encode_image(torch.stack(ok)).float(), dim=-1).numpy() if ok else None
+        size = self.model.text_projection.shape[1] if feats is None else feats.shape[1]  # embed_dim
+        emb = np.zeros((len(tensors), size), np.float32)
+        if feats is not None:
+            emb[[j for j, t in enumerate(tensors) if t is not None]] = feats
         out = {k: v for k, v in batch.items() if k != "image"}
-        out["embedding"] = feats.numpy().astype(np.float32)
+        out["embedding"] = emb
+        if self.flag_undecodable:
+            out["error"] = np.array(errors, dtype=object)
         if self.with_phash:
             from pipelines.core.images import phash_of_encoded
 

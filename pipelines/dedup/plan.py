@@ -32,7 +32,7 @@ from pipelines.core.runtime import data_args
 
 # semantic_dup and eval_semantic_dup come from semantic.plan_semantic, when DedupConfig.semantic is on.
 REASONS = ("exact_dup_url", "exact_dup_image", "near_dup_image", "near_dup_caption", "eval_overlap",
-           "semantic_dup", "eval_semantic_dup")
+           "semantic_dup", "eval_semantic_dup", "semantic_undecodable")
 REQUIRED_COLUMNS = ("key", "url", "sha256", "phash", "width", "height", "original_width", "original_height",
                     "file_idx")  # and colour_sig unless DedupConfig.colour_threshold is None
 DROPPED_SCHEMA = pa.schema([

@@ -195,7 +195,7 @@ def plan_semantic(emb: Any, cfg: SemanticConfig, eval_emb: np.ndarray | None, ev
     return drops, stats
 
 
-_DROPS = pa.schema([("key", pa.string()), ("file_idx", pa.int64()), ("reason", pa.string()), ("detail", pa.string())])
+DROPS_SCHEMA = pa.schema([("key", pa.string()), ("file_idx", pa.int64()), ("reason", pa.string()), ("detail", pa.string())])
 
 
 def _sample(batch: dict[str, np.ndarray], fraction: float) -> dict[str, np.ndarray]:
@@ -222,7 +222,7 @@ def _eval_drops(batch: pa.Table) -> pa.Table:
     hit = batch.filter(pc.not_equal(batch.column("eval_hit"), ""))
     return pa.table({"key": hit.column("key"), "file_idx": hit.column("file_idx"),
                      "reason": pa.array(["eval_semantic_dup"] * hit.num_rows, pa.string()),
-                     "detail": hit.column("eval_hit")}, schema=_DROPS)
+                     "detail": hit.column("eval_hit")}, schema=DROPS_SCHEMA)
 
 
 def _without_eval_hits(batch: pa.Table) -> pa.Table:
@@ -254,4 +254,4 @@ def _drops_only(batch: pa.Table) -> pa.Table:
     import pyarrow.compute as pc
 
     kept = batch.filter(pc.not_equal(batch.column("reason"), _SUMMARY))
-    return kept.select(["key", "file_idx", "reason", "detail"]).cast(_DROPS)
+    return kept.select(["key", "file_idx", "reason", "detail"]).cast(DROPS_SCHEMA)

@@ -246,7 +246,7 @@ def _survivors(batch: dict[str, Any], inp: Storage, out: Storage, drop_files: di
     return pa.concat_tables(tables)
 
 
-def _embed(ds: Any, cfg: DedupStageConfig, what: str) -> Any:
+def _embed(ds: Any, cfg: DedupStageConfig, what: str, flag_undecodable: bool = False) -> Any:
     """`ds` with an `embedding` column (unit rows) instead of `image`: pipelines.core.embedding's ImageEmbedder, an actor pool
     that loads the checkpoint once per actor."""
     from ray.data import ActorPoolStrategy
@@ -257,7 +257,22 @@ def _embed(ds: Any, cfg: DedupStageConfig, what: str) -> Any:
     return ds.map_batches(ImageEmbedder, batch_size=sem.batch_size, batch_format="numpy", num_cpus=1,
                           compute=ActorPoolStrategy(min_size=1, max_size=sem.actors),
                           fn_constructor_kwargs={"checkpoint": sem.checkpoint, "s3": cfg.input_s3, "with_phash": False,
-                                                 "activation": sem.activation, "what": what}, **data_args())
+                                                 "activation": sem.activation, "what": what,
+                                                 "flag_undecodable": flag_undecodable}, **data_args())
+
+
+def _decoded(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    ok = batch["error"] == ""
+    return {k: batch[k][ok] for k in ("key", "file_idx", "area", "embedding")}
+
+
+def _undecodable_drops(batch: pa.Table) -> pa.Table:
+    from pipelines.dedup.semantic import DROPS_SCHEMA
+
+    batch = batch.filter(pc.not_equal(batch.column("error"), ""))
+    return pa.table({"key": batch.column("key"), "file_idx": batch.column("file_idx"),
+                     "reason": pa.array(["semantic_undecodable"] * batch.num_rows, pa.string()),
+                     "detail": batch.column("error").cast(pa.string())}, schema=DROPS_SCHEMA)
 
 
 def _eval_embeddings(eval_sets: list[EvalSet], cfg: DedupStageConfig) -> tuple[np.ndarray | None, list[str]]:
@@ -284,10 +299,16 @@ def _semantic_dedup(cfg: DedupStageConfig, inp: Storage, out: Storage, fp: str, 
     eval_emb, eval_labels = _eval_embeddings(eval_sets, cfg)
     rows = ray.data.from_items(items).map_batches(_survivors, batch_size=1, batch_format="numpy", **data_args(),
                                                   fn_kwargs={"inp": inp, "out": out, "drop_files": drop_files})
-    emb = _embed(rows, cfg, "dedup input row").select_columns(["key", "file_idx", "area", "embedding"]).materialize()
+    # A training row whose image does not decode here is rejected with its reason, never raised out of the stage.
+    embedded = _embed(rows, cfg, "dedup input row", flag_undecodable=True).materialize()
+    emb = embedded.map_batches(_decoded, batch_format="numpy", **data_args()).materialize()
+    undecodable = embedded.map_batches(_undecodable_drops, batch_format="pyarrow", **data_args()).materialize()
     timings["semantic_embed_s"] = round(time.time() - t0, 3)
     drops, stats = plan_semantic(emb, cfg.dedup.semantic, eval_emb, eval_labels, cfg.dedup.partitions,
                                  cfg.dedup.shuffle_strategy)
+    stats["semantic_undecodable"] = undecodable.count()
+    if stats["semantic_undecodable"]:
+        drops = undecodable if drops is None else drops.union(undecodable)
     if drops is not None:
         _write_drops(drops, out, fp, "semantic", drop_files)
     print(f"dedup: semantic: {stats}", flush=True)
