@@ -159,7 +159,8 @@ def run(cfg: ShardConfig) -> Manifest:
               .map_batches(_input_order, batch_format="pyarrow", fn_kwargs={"index_of": index_of}, **data_args())
               .sort(_ORDER, boundaries=starts or None)
               .drop_columns([_ORDER]))
-    if num_shards == 1 if cfg.shuffle else not starts:
+    one_shard = num_shards == 1 if cfg.shuffle else not starts
+    if one_shard:
         # One shard: a sort without boundaries splits into Ray's default number of blocks (12 files of ~150
         # rows were written for 1,929 rows and a 2,000-row target); one block, in the sorted order, instead.
         ds = ds.repartition(1)
