@@ -34,7 +34,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -44,6 +43,8 @@ from typing import Any
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipelines.core.ports import free_port
 
 STAGE_NAMES = ("crawl", "filter", "dedup", "curate", "shard", "train", "evaluate")
 
@@ -166,11 +167,6 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, int]:
             if after.get(k, 0) != before.get(k, 0)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 # ------------------------------------------------------------------------------------ the data
 
@@ -196,8 +192,8 @@ def make_content(n: int, seed: int = 0) -> Any:
 
 
 def eval_job(work: str, n: int) -> str:
-    from pipelines.demo.views import SHAPE_TEMPLATES
     from pipelines.demo.synthetic import shape_classnames, shape_samples
+    from pipelines.demo.views import SHAPE_TEMPLATES
 
     names = shape_classnames()
     held = shape_samples(n, px=64, seed=7)
@@ -251,7 +247,14 @@ def run_size(n: int, s3: Any, metrics_url: str, work: str, exclude: set[int]) ->
     from pipelines.core.manifest import MANIFEST_NAME
     from pipelines.core.runtime import RayConfig, init_ray
     from pipelines.core.storage import Storage
-    from pipelines.run.dag import STAGES, Selection, _execute, decide, load_run_config, validate
+    from pipelines.run.dag import (
+        STAGES,
+        Selection,
+        _execute,
+        decide,
+        load_run_config,
+        validate,
+    )
 
     load_at_start = round(os.getloadavg()[0], 2)
     content = make_content(n)
@@ -411,7 +414,7 @@ def main() -> None:
     from pipelines.demo import local_s3
 
     work = tempfile.mkdtemp(prefix="scale-costs-")
-    metrics_port = _free_port()
+    metrics_port = free_port()
     local_s3._FIXED_FLAGS = [*local_s3._FIXED_FLAGS, f"-metricsPort={metrics_port}", "-metricsIp=127.0.0.1"]
     s3 = local_s3.LocalS3(os.path.join(work, "s3"), bucket="scale")
     load_before = round(os.getloadavg()[0], 2)

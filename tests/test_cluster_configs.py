@@ -16,7 +16,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import ray.runtime_env
 import ray.util.scheduling_strategies
 import yaml
 
+from pipelines.core.ports import free_port
 from tests.conftest import restart_shared_ray
 
 REPO = Path(__file__).resolve().parents[1]
@@ -346,11 +346,6 @@ def test_runtime_env_builds_and_excludes_prune_large_dirs(tmp_path):
 # ------------------------------------------------------------------- local autoscaling cluster
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 # ray/autoscaler/_private/fake_multi_node/example.yaml from Ray's source tree: AutoscalingCluster
 # loads it, but the Ray 2.60 wheel does not ship it, so its settings are repeated here.
@@ -392,8 +387,8 @@ class LocalAutoscalingCluster(ray.cluster_utils.AutoscalingCluster):
         self.head = None
         self._before = {p.pid for p in psutil.Process().children(recursive=True)}
         self._dir = tempfile.mkdtemp(prefix="ray-as-")  # short: socket paths live below it
-        ip = ray._private.services.get_node_ip_address()
-        address = f"{ip}:{_free_port()}"
+        ip = "127.0.0.1"  # loopback only (Ray's default is the outward interface's address)
+        address = f"{ip}:{free_port()}"
         self._config["provider"]["gcs_address"] = address  # else the fake provider assumes port 6379
         jsonschema.validate(self._config, _ray_schema())
         path = os.path.join(self._dir, "autoscaling.json")

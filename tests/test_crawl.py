@@ -270,7 +270,10 @@ def test_memory_budget_bounds_the_crawler_actors_peak(tmp_path) -> None:
         src = write_list([{"url": f"{web.base}/big/{i}.png", "caption": f"big {i}", "query": "q"} for i in range(64)],
                          str(tmp_path / "list.parquet"))
         common = {"fetch.max_bytes": 8_000_000, "image.max_pixels": 2_000_000, "threads_per_worker": 32,
-                  "workers": 1, "rows_per_part": 64, "fetch.max_per_host": 32}
+                  "workers": 1, "rows_per_part": 64, "fetch.max_per_host": 32,
+                  # 32 bodies of 6 MB at once from a one-process test server on a loaded 2-core machine took
+                  # more than the default 20 s each (CI: 5 deadline rejects); this test is about memory.
+                  "fetch.deadline_s": 180, "fetch.read_timeout_s": 120, "fetch.connect_timeout_s": 60}
         tight = run(crawl_config([src], str(tmp_path / "tight"), memory_budget_bytes=80 * 2**20, **common))
         loose = run(crawl_config([src], str(tmp_path / "loose"), memory_budget_bytes=4 * 2**30, **common))
     finally:

@@ -1,5 +1,4 @@
 import math
-import socket
 
 import pytest
 import torch
@@ -8,6 +7,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from clip_model.loss import ClipLoss, SigLipLoss, build_loss
+from pipelines.core.ports import free_port
 
 GLOBAL_BATCH, D_IN, D = 8, 12, 6
 
@@ -48,17 +48,12 @@ def _worker(rank: int, world: int, port: int, kind: str, out_path: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_two_gloo_workers_match_one_process(kind: str, tmp_path) -> None:
     single = _loss_and_grads(kind, slice(None), world=1, rank=0)
     out = str(tmp_path / "dist.pt")
-    mp.start_processes(_worker, args=(2, _free_port(), kind, out), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(2, free_port(), kind, out), nprocs=2, join=True, start_method="spawn")
     dist_values = torch.load(out)
     for name, a, b in zip(["loss", "w_img", "w_txt", "logit_scale", "logit_bias"], single, dist_values):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), (name, a, b)

@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,21 +25,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.demo.local_web import LocalWebServer, WebContent
 from pipelines.core.manifest import read_manifest
-from pipelines.run.dag import STAGES, Selection, load_run_config, plan
+from pipelines.core.ports import free_ports
 from pipelines.core.storage import Storage
+from pipelines.demo.local_web import LocalWebServer, WebContent
 from pipelines.demo.synthetic import digit_samples, shape_samples
+from pipelines.run.dag import STAGES, Selection, load_run_config, plan
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.timeout(2400)  # a whole DAG as a job on a loaded 2-core machine
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +65,7 @@ def _args(data, root: str, *extra: str) -> list[str]:
 def head(tmp_path_factory):
     """`ray start --head --block` on 127.0.0.1 with a dashboard (the job server); stopped at module end."""
     temp = tempfile.mkdtemp(prefix="rh_", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    gcs, dash, agent_http, agent_grpc, env_agent, metrics = (_free_port() for _ in range(6))
+    gcs, dash, agent_http, agent_grpc, env_agent, metrics = free_ports(6)
     # Ray 2.60 clusters use token authentication: the head, `ray job` clients and drivers share one token.
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}

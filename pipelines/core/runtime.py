@@ -75,8 +75,10 @@ def init_ray(cfg: RayConfig) -> None:
         # workers at shutdown (ray-project/ray#36885).
         # address="local": a new Ray for this command. Without it ray.init joins the newest `ray start` cluster
         # on the machine (and then refuses num_cpus); a command joins a cluster only when told (ray.address /
-        # RAY_ADDRESS, which `ray job submit` sets).
+        # RAY_ADDRESS, which `ray job submit` sets). A local Ray listens on loopback only: by default its
+        # services bind the address of the machine's outward interface.
         ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=cfg.dashboard, dashboard_host="127.0.0.1",
+                       _node_ip_address="127.0.0.1",
                        log_to_driver=True, runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}},
                        _system_config={"enable_metrics_collection": False})
     console.attach_ray()  # now the workers' output, which the driver receives, goes there as well

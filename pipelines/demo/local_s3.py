@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipelines.core.ports import free_ports
 from pipelines.core.storage import S3Options
 
 
@@ -96,20 +97,6 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _free_ports(n: int) -> list[int]:
-    # Hold all sockets until every port is picked, so the n ports are distinct.
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class LocalS3:
@@ -227,8 +214,8 @@ class LocalS3:
                 return ports
         wanted = self._requested_s3_port
         if wanted is None:
-            return Ports(*_free_ports(10))
-        return Ports(wanted, *[p for p in _free_ports(10) if p != wanted][:9])
+            return Ports(*free_ports(10))
+        return Ports(wanted, *[p for p in free_ports(10) if p != wanted][:9])
 
     def _remove_sockets(self) -> None:
         # weed creates /tmp/seaweedfs-<component>-<port>.sock and leaves some behind; ours are
