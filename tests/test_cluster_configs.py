@@ -387,7 +387,9 @@ class LocalAutoscalingCluster(ray.cluster_utils.AutoscalingCluster):
         self.head = None
         self._before = {p.pid for p in psutil.Process().children(recursive=True)}
         self._dir = tempfile.mkdtemp(prefix="ray-as-")  # short: socket paths live below it
-        ip = "127.0.0.1"  # loopback only (Ray's default is the outward interface's address)
+        # Ray's default address, not 127.0.0.1: a driver's ray.init(address="127.0.0.1:port") is rewritten to
+        # the machine's outward address, so a head bound to loopback only cannot be joined.
+        ip = ray._private.services.get_node_ip_address()
         address = f"{ip}:{free_port()}"
         self._config["provider"]["gcs_address"] = address  # else the fake provider assumes port 6379
         jsonschema.validate(self._config, _ray_schema())

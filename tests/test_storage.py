@@ -14,7 +14,8 @@ import pyarrow.fs as pafs
 import pytest
 import ray.cloudpickle
 
-from pipelines.demo.local_s3 import LocalS3, LocalS3Error, _free_ports
+from pipelines.core.ports import free_port
+from pipelines.demo.local_s3 import LocalS3, LocalS3Error
 from pipelines.core.storage import LocalStorage, S3Options, S3Storage, Storage, StorageError
 
 
@@ -146,7 +147,7 @@ def test_wrong_credentials_fail_clearly_in_operations(s3_server: LocalS3, monkey
 
 
 def test_unreachable_endpoint_is_named() -> None:
-    (port,) = _free_ports(1)  # nothing listens there
+    port = free_port()  # nothing listens there
     with pytest.raises(StorageError, match=f"cannot reach S3 endpoint http://127.0.0.1:{port}"):
         Storage.from_uri("s3://b/p", S3Options(endpoint_url=f"http://127.0.0.1:{port}", max_attempts=1))
 
