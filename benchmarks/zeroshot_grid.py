@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from clip_model import build_loss, build_model
 from clip_model.config import get_config
-from clip_model.optim import clamp_logit_scale_, param_groups
+from clip_model.optim import adamw, clamp_logit_scale_
 from clip_model.transforms import EvalTransform, drop_words
 from clip_model.zeroshot import build_classifier
 from pipelines.demo.synthetic import digit_samples, shape_classnames, shape_samples
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> dict:
     n = len(train)
     steps_per_epoch = n // args.batch
     total = steps_per_epoch * args.epochs
-    opt = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = adamw(model, args.lr, args.wd, (0.9, 0.98), 1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(args.warmup, total, 0.0))
     loss_fn = build_loss(args.loss)
     t0 = time.time()

@@ -27,6 +27,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.98),
+          eps: float = 1e-6) -> torch.optim.AdamW:
+    """AdamW over `param_groups`, with torch's fused kernel where the parameters' device has one (CPU, CUDA).
+
+    The fused kernel makes one pass over each tensor instead of about ten: a ViT-B/32 update on one CPU
+    thread took 0.37 s per-tensor and 0.10 s fused; over DeepSpeed ZeRO's flat 150M-element partition the
+    per-op passes stream from memory instead of cache, and the update took 0.86 s (0.26 s fused). Results
+    match the unfused update to float rounding, not bit for bit, so everything that compares runs (the
+    training loop, its tests' single-process reference, the benchmarks' bare loop) builds it here."""
+    devices = {p.device.type for p in model.parameters() if p.requires_grad}
+    fused = devices <= {"cpu", "cuda"} or None
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+
+
 def param_group_names(model: nn.Module) -> dict[str, list[str]]:
     """Which parameter names land in which group (for logs and tests)."""
     out: dict[str, list[str]] = {"decay": [], "no_decay": []}

@@ -25,7 +25,7 @@ import torch
 
 from clip_model import build_loss, build_model
 from clip_model.export import load_export
-from clip_model.optim import param_groups
+from clip_model.optim import adamw
 from pipelines.core.manifest import FileEntry, Manifest, write_manifest
 from pipelines.core.ports import free_ports
 from pipelines.core.schema import SAMPLE_SCHEMA, sample_key
@@ -133,7 +133,7 @@ def reference_losses(cfg: TrainConfig, shards: str, steps: int, total: int | Non
     torch.manual_seed(cfg.seed)
     model = ContrastiveModel(build_model(mcfg), build_loss("clip"))
     o = cfg.optim
-    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    opt = adamw(model, o.lr, o.weight_decay, o.betas, o.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(o.warmup_steps, total or cfg.max_steps, o.min_lr_ratio))
     losses = []
     for step in range(steps):

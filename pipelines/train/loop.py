@@ -24,7 +24,7 @@ from torch import nn
 
 from clip_model import CLIP, build_loss, build_model
 from clip_model.model import LOGIT_SCALE_MAX
-from clip_model.optim import param_groups
+from clip_model.optim import adamw
 from pipelines.train import checkpointing as ckpt_io
 from pipelines.train.config import TrainConfig, run_dir
 from pipelines.train.data import InputSpec, SamplePlan, StepFeeder, load_tokenizer
@@ -96,7 +96,7 @@ def ds_config(cfg: TrainConfig, per_worker: int, universal: bool) -> dict[str, A
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": cfg.resolved_precision() == "bf16"},
         "checkpoint": {"load_universal": universal},
-        # torch's AdamW is the client optimizer: ZeRO wraps it, no fused-op build needed on CPU.
+        # torch's AdamW (fused kernel) is the client optimizer: ZeRO wraps it, no DeepSpeed op build needed on CPU.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
@@ -114,7 +114,7 @@ def build_engine(cfg: TrainConfig, per_worker: int, total_steps: int, universal:
     clip = build_model(cfg.model_config())
     model = ContrastiveModel(clip, build_loss(cfg.loss, world_size=world, rank=rank), cfg.accum_freq)
     o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    optimizer = adamw(model, o.lr, o.weight_decay, o.betas, o.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(o.warmup_steps, total_steps, o.min_lr_ratio))
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg, per_worker, universal))
