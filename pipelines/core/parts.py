@@ -186,7 +186,7 @@ def run_file_parts(items: list[dict[str, Any]], worker_cls: type, ctor: dict[str
 
     return collect_parts(ray.data.from_items(items, override_num_blocks=len(items))
                          .map_batches(worker_cls, batch_size=1, fn_constructor_kwargs=ctor,
-                                      concurrency=max(1, min(workers, len(items))), num_cpus=1, **data_args()),
+                                      concurrency=(1, max(1, min(workers, len(items)))), num_cpus=1, **data_args()),
                          len(items))
 
 
