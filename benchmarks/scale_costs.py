@@ -167,7 +167,6 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, int]:
             if after.get(k, 0) != before.get(k, 0)}
 
 
-
 # ------------------------------------------------------------------------------------ the data
 
 def _serve(content: Any, conn: Any) -> None:

@@ -32,8 +32,9 @@ def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, 
     """AdamW over `param_groups`, with torch's fused kernel where the parameters' device has one (CPU, CUDA).
 
     The fused kernel makes one pass over each tensor instead of about ten: a ViT-B/32 update on one CPU
-    thread took 0.37 s per-tensor and 0.10 s fused; over DeepSpeed ZeRO's flat 150M-element partition the
-    per-op passes stream from memory instead of cache, and the update took 0.86 s (0.26 s fused). Results
+    thread took 0.37 s per-tensor and 0.10 s fused. Over DeepSpeed ZeRO's flat 150M-element partition the
+    per-op passes stream from memory instead of cache: the AdamW update alone took 0.86 s, and DeepSpeed's
+    whole step went from 1.30 s to 0.63 s with the fused kernel. Results
     match the unfused update to float rounding, not bit for bit, so everything that compares runs (the
     training loop, its tests' single-process reference, the benchmarks' bare loop) builds it here."""
     devices = {p.device.type for p in model.parameters() if p.requires_grad}

@@ -346,7 +346,6 @@ def test_runtime_env_builds_and_excludes_prune_large_dirs(tmp_path):
 # ------------------------------------------------------------------- local autoscaling cluster
 
 
-
 # ray/autoscaler/_private/fake_multi_node/example.yaml from Ray's source tree: AutoscalingCluster
 # loads it, but the Ray 2.60 wheel does not ship it, so its settings are repeated here.
 FAKE_MULTINODE_BASE = {

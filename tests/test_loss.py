@@ -48,7 +48,6 @@ def _worker(rank: int, world: int, port: int, kind: str, out_path: str) -> None:
     dist.destroy_process_group()
 
 
-
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_two_gloo_workers_match_one_process(kind: str, tmp_path) -> None:
     single = _loss_and_grads(kind, slice(None), world=1, rank=0)
