@@ -124,3 +124,47 @@ def test_metrics_config_errors_name_the_key() -> None:
         load_config(TrainConfig, None, ["metrics.wandb.mode=sometimes"])
     cfg = load_config(TrainConfig, None, ["metrics.mlflow.tracking_uri=http://127.0.0.1:5000", "metrics.upload_every=10"])
     assert cfg.metrics.mlflow.tracking_uri == "http://127.0.0.1:5000" and cfg.metrics.upload_every == 10
+
+
+def _resumed_attempt(cfg: TrainConfig, out) -> None:
+    try:
+        sinks = MetricSinks(cfg, history=[_record(1, 4.0)], config_dict=CONFIG)
+        sinks.log(2, _record(2, 3.0), [_record(1, 4.0), _record(2, 3.0)])
+        sinks.close([_record(1, 4.0), _record(2, 3.0)])
+        out.put(sinks.errors)
+    except Exception as err:  # noqa: BLE001 - reported to the test
+        out.put({"init": f"{type(err).__name__}: {err}"})
+
+
+def _process_that_started_ray(cfg: TrainConfig, out) -> None:
+    """A fresh process that used W&B (its service token goes into os.environ) and holds the dead attempt's run
+    open, then starts a "Ray worker" with its environment."""
+    import wandb
+
+    held = wandb.init(project="tests", mode="offline", dir=cfg.metrics.wandb.dir, id=run_key(run_dir(cfg).uri("")),
+                      resume="allow", settings=wandb.Settings(console="off", silent=True))
+    if not os.environ.get("WANDB_SERVICE"):
+        out.put({"setup": "wandb set no WANDB_SERVICE: this test no longer sets up the shared service"})
+        return
+    worker = multiprocessing.get_context("spawn").Process(target=_resumed_attempt, args=(cfg, out))
+    worker.start()
+    worker.join(120)
+    held.finish()
+
+
+def test_a_resumed_rank_0_does_not_join_a_w_and_b_service_holding_the_dead_attempts_run(tmp_path) -> None:
+    """Ray workers inherit the environment of the process that started Ray. When that process used W&B, its
+    WANDB_SERVICE names its wandb-core service; a rank 0 that died left its run open there, and the next
+    attempt's init of the same run id failed with "run ID ... is in use", ending the run (seen in the
+    live-elastic test). Each rank 0 now starts a service of its own."""
+    cfg = TrainConfig(storage_path=str(tmp_path / "runs"), run_name="r1", metrics=MetricsConfig(
+        tensorboard=False, wandb=WandbConfig(project="tests", mode="offline", dir=str(tmp_path / "wandb"))))
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    parent = ctx.Process(target=_process_that_started_ray, args=(cfg, out))
+    parent.start()
+    errors = out.get(timeout=180)
+    parent.join(60)
+    assert errors == {}
+    runs_dirs = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
+    assert any(sorted(wandb_history(d)[1]) == [1, 2] for d in runs_dirs), runs_dirs

@@ -122,6 +122,12 @@ class _Wandb:
 
         if c.dir:
             os.makedirs(c.dir, exist_ok=True)
+        # WANDB_SERVICE names the wandb-core service of the process that set it, and Ray workers inherit the
+        # environment of the process that started Ray. A rank 0 that died left its run open in such a shared
+        # service, and the next attempt's init of the same run id failed with "run ID ... is in use", ending
+        # a resized run (seen in the live-elastic test). Each rank 0 runs a service of its own; one it
+        # started itself in this process is kept (wandb holds it, whatever the variable says).
+        os.environ.pop("WANDB_SERVICE", None)
         self.run = wandb.init(project=c.project, entity=c.entity or None, mode=c.mode, dir=c.dir or None,
                               id=run_key(run_uri), resume="allow", name=run_name, config=params,
                               settings=wandb.Settings(console="off", silent=True))
