@@ -36,9 +36,13 @@ def ray_cluster(ray_session) -> Iterator[None]:
 def test_config_validation_names_the_field() -> None:
     for bad, field in (({"hamming_threshold": -1}, "hamming_threshold"), ({"lsh_bits": 0}, "lsh_bits"),
                        ({"caption_jaccard": 1.5}, "caption_jaccard"), ({"lsh_bits": 60}, "lsh_bits"),
-                       ({"shuffle_strategy": "magic"}, "shuffle_strategy"), ({"max_bucket": 1}, "max_bucket")):
+                       ({"shuffle_strategy": "magic"}, "shuffle_strategy"), ({"max_bucket": 1}, "max_bucket"),
+                       ({"rows_per_partition": 0}, "rows_per_partition")):
         with pytest.raises(ValueError, match=field):
             DedupConfig(**bad)
+    # Groups per shuffle: one per rows_per_partition input rows, at least one, at most `partitions`.
+    cfg = DedupConfig(partitions=64, rows_per_partition=50_000)
+    assert [cfg.partitions_for(n) for n in (0, 148, 50_000, 50_001, 1_000_000, 10**9)] == [1, 1, 1, 2, 20, 64]
     with pytest.raises(ValueError, match="item 1"):
         build_eval_index({"x": [5, b"not an image"]})
 
@@ -242,9 +246,13 @@ def test_dedup_is_deterministic_and_caption_minhash_adds_caption_drops(ray_clust
                       "width": im.width, "height": im.height, "original_width": im.width,
                       "original_height": im.height, "file_idx": 9})
     rows = planted.rows + extra
+    # One group per shuffle (the default for a small input), 64 and 7: the same drops whatever the layout.
+    assert DedupConfig().partitions_for(len(rows)) == 1 and DedupConfig(rows_per_partition=1).partitions_for(len(rows)) == 64
     base = plan_dedup(_dataset(rows, blocks=2, seed=2), DedupConfig()).to_pandas()
-    again = plan_dedup(_dataset(rows, blocks=5, seed=3), DedupConfig(partitions=7)).to_pandas()
+    wide = plan_dedup(_dataset(rows, blocks=3, seed=5), DedupConfig(rows_per_partition=1)).to_pandas()
+    again = plan_dedup(_dataset(rows, blocks=5, seed=3), DedupConfig(partitions=7, rows_per_partition=1)).to_pandas()
     sort = lambda df: df.sort_values("key").reset_index(drop=True)[["key", "file_idx", "reason", "detail"]]  # noqa: E731
+    pandas.testing.assert_frame_equal(sort(base), sort(wide))
     pandas.testing.assert_frame_equal(sort(base), sort(again))
     assert not set(base["key"]) & {r["key"] for r in extra}  # images differ: kept without captions
     assert overlap_report(ray.data.from_pandas(base)) == {}  # no eval index, no overlap: empty, no crash

@@ -15,7 +15,7 @@ The output is deterministic: every choice is a minimum over ids/keys, never "the
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -90,8 +90,13 @@ class DedupConfig:
     # Buckets with more distinct values than this compare against a bounded sample (see
     # near_dup.bucket_edges), so one pathological bucket cannot go quadratic.
     max_bucket: int = 512
-    # Groups per shuffle; each group handles ~rows/partitions keys vectorised.
+    # Groups per shuffle, at most; each group handles ~rows/partitions keys vectorised. A smaller input uses
+    # fewer: one group per `rows_per_partition` input rows (at least one). The plan's result does not depend
+    # on either (tests/test_dedup_core.py), only its task count does: a 148-row input split 64 ways ran 64
+    # tasks per shuffle round, and its plan took 9-12 s on 2 cores.
     partitions: int = 64
+    # ~2 KB of shuffle rows per input row (40 LSH tables + url, sha256, phash stars): ~100 MB per group.
+    rows_per_partition: int = 50_000
     max_rounds: int = 40  # connected-components rounds before giving up
     eval_actors: int = 2  # actors holding the eval index
     # Ray Data shuffle strategy for this plan only (set on the plan's own DataContext copy; the
@@ -113,6 +118,7 @@ class DedupConfig:
         _check_range("caption_shingle", self.caption_shingle, 1, 64)
         _check_range("max_bucket", self.max_bucket, 2, 1 << 20)
         _check_range("partitions", self.partitions, 1, 1 << 16)
+        _check_range("rows_per_partition", self.rows_per_partition, 1, 1 << 40)
         _check_range("max_rounds", self.max_rounds, 1, 1000)
         _check_range("eval_actors", self.eval_actors, 1, 1024)
         if not 0.0 < self.caption_jaccard <= 1.0:
@@ -126,6 +132,11 @@ class DedupConfig:
             if self.shuffle_strategy not in allowed:
                 raise ValueError(f"dedup shuffle_strategy must be one of {allowed} or null, "
                                  f"got {self.shuffle_strategy!r}")
+
+
+    def partitions_for(self, rows: int) -> int:
+        """Groups per shuffle for an input of `rows` rows: one per rows_per_partition, within [1, partitions]."""
+        return max(1, min(self.partitions, -(-rows // self.rows_per_partition)))
 
 
 def _check_range(name: str, value: int, lo: int, hi: int) -> None:
@@ -232,6 +243,7 @@ def plan_dedup(keys: ray.data.Dataset, cfg: DedupConfig, eval_index: EvalIndex |
     rows = keys.map_batches(_prepare, batch_format="pyarrow", fn_kwargs={"with_caption": cfg.caption_minhash,
                             "with_colour": cfg.colour_threshold is not None}, **data_args())
     rows = rows.materialize()
+    cfg = replace(cfg, partitions=cfg.partitions_for(rows.count()))
     if cfg.shuffle_strategy is not None:
         rows.context.shuffle_strategy = cfg.shuffle_strategy  # a copy owned by this plan's lineage
     if eval_index is None:

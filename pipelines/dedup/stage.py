@@ -204,6 +204,7 @@ def _prepare(cfg: DedupStageConfig) -> tuple[Storage, Manifest, list, str]:
     dedup = to_dict(cfg.dedup)
     if not cfg.dedup.semantic.enabled:  # counts only when on: outputs committed before it stay valid
         del dedup["semantic"]
+    del dedup["rows_per_partition"]  # how many tasks, not what they find: outputs committed before it stay valid
     conf = {"dedup": dedup, "eval_sets": eval_sizes}
     return inp, in_manifest, eval_sets, fingerprint(NAME, conf, [in_manifest])
 
@@ -304,7 +305,7 @@ def _semantic_dedup(cfg: DedupStageConfig, inp: Storage, out: Storage, fp: str, 
     emb = embedded.map_batches(_decoded, batch_format="numpy", **data_args()).materialize()
     undecodable = embedded.map_batches(_undecodable_drops, batch_format="pyarrow", **data_args()).materialize()
     timings["semantic_embed_s"] = round(time.time() - t0, 3)
-    drops, stats = plan_semantic(emb, cfg.dedup.semantic, eval_emb, eval_labels, cfg.dedup.partitions,
+    drops, stats = plan_semantic(emb, cfg.dedup.semantic, eval_emb, eval_labels, cfg.dedup.partitions_for(emb.count()),
                                  cfg.dedup.shuffle_strategy)
     stats["semantic_undecodable"] = undecodable.count()
     if stats["semantic_undecodable"]:
