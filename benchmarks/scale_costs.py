@@ -244,7 +244,7 @@ def run_size(n: int, s3: Any, metrics_url: str, work: str, exclude: set[int]) ->
     import ray
 
     from pipelines.core.manifest import MANIFEST_NAME
-    from pipelines.core.runtime import RayConfig, init_ray
+    from pipelines.core.runtime import RayConfig, init_ray, local_system_config
     from pipelines.core.storage import Storage
     from pipelines.run.dag import (
         STAGES,
@@ -279,7 +279,7 @@ def run_size(n: int, s3: Any, metrics_url: str, work: str, exclude: set[int]) ->
     # `ray start` left on the machine (other jobs' test heads), which refuses num_cpus.
     ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}},
-             _system_config={"enable_metrics_collection": False})
+             _system_config=local_system_config(cfg.ray.num_cpus))
     init_ray(RayConfig(num_cpus=cfg.ray.num_cpus))
     ray_start_s = time.perf_counter() - t0
     stages: dict[str, Any] = {}

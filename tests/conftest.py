@@ -49,10 +49,12 @@ def restart_shared_ray() -> None:
 def _start_ray() -> None:
     import ray
 
+    from pipelines.core.runtime import local_system_config
+
     # address="local": never join a `ray start` head that another test (tests/test_run.py) runs beside us.
     ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}},
-             _system_config={"enable_metrics_collection": False})
+             _system_config=local_system_config(6))
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,7 @@ import pytest
 
 from pipelines.core.manifest import read_manifest
 from pipelines.core.ports import free_ports
+from pipelines.core.runtime import local_system_config
 from pipelines.core.storage import Storage
 from pipelines.demo.local_web import LocalWebServer, WebContent
 from pipelines.demo.synthetic import digit_samples, shape_samples
@@ -63,7 +64,8 @@ def _args(data, root: str, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """`ray start --head --block` on 127.0.0.1 with a dashboard (the job server); stopped at module end."""
+    """`ray start --head --block` on 127.0.0.1 with a dashboard (the job server), with the system settings of a
+    local Ray of ours (idle workers kept between stages); stopped at module end."""
     temp = tempfile.mkdtemp(prefix="rh_", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     gcs, dash, agent_http, agent_grpc, env_agent, metrics = free_ports(6)
     # Ray 2.60 clusters use token authentication: the head, `ray job` clients and drivers share one token.
@@ -79,7 +81,7 @@ def head(tmp_path_factory):
          # head's agent never comes up and every submission answers "No available agent".
          f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
          f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
-         f"--temp-dir={temp}", "--disable-usage-stats"],
+         f"--temp-dir={temp}", "--disable-usage-stats", f"--system-config={json.dumps(local_system_config(6))}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     try:
