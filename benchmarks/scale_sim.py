@@ -114,7 +114,8 @@ def step_dedup(n: int, blocks: int, tmp: str) -> dict[str, Any]:
     by = {}
     for row in dropped.groupby("reason").count().take_all():
         by[row["reason"]] = int(row["count()"])
-    return {"dropped": by, "partitions": cfg.partitions}
+    # The groups per shuffle the plan used: one per rows_per_partition rows, capped at cfg.partitions.
+    return {"dropped": by, "partitions": cfg.partitions_for(n)}
 
 
 def step_curate(n: int, blocks: int, tmp: str) -> dict[str, Any]:
@@ -169,8 +170,43 @@ def store_stats() -> dict[str, int]:
     return out
 
 
+class DiskGuard:
+    """Stops a step (KeyboardInterrupt in the main thread) when the disk holding the spill directory falls
+    below `min_free_gib`: dedup at 10M rows spilled 26 GB in its first two minutes here, and a full disk
+    breaks every other process on the machine. What it saw is kept for the record."""
+
+    def __init__(self, spill_dir: str, min_free_gib: float) -> None:
+        import threading
+
+        self.spill_dir, self.floor = spill_dir, min_free_gib * 2**30
+        self.tripped: dict[str, Any] | None = None
+        self._stop = threading.Event()
+        self._t0 = time.perf_counter()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> "DiskGuard":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        import _thread
+
+        while not self._stop.wait(1.0):
+            free = shutil.disk_usage(self.spill_dir).free
+            if free < self.floor:
+                spilled = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(self.spill_dir) for f in fs)
+                self.tripped = {"after_s": round(time.perf_counter() - self._t0), "spill_dir_gib": round(spilled / 2**30, 1),
+                                "free_gib": round(free / 2**30, 1)}
+                _thread.interrupt_main()
+                return
+
+
 def measure(step: str, n: int, object_store_mib: int, num_cpus: int,
-            shuffle: str = "sort_shuffle_pull_based") -> dict[str, Any]:
+            shuffle: str = "sort_shuffle_pull_based", min_free_gib: float = 10.0) -> dict[str, Any]:
     import ray
     import ray.data
 
@@ -192,20 +228,32 @@ def measure(step: str, n: int, object_store_mib: int, num_cpus: int,
     tree = Tree(set())
     blocks = max(8, n // 50_000)  # ~50k rows per input block
     rec: dict[str, Any] = {"rows": n, "blocks": blocks, "shuffle": shuffle}
+    guard = DiskGuard(tmp, min_free_gib)
     try:
         cpu0 = tree.cpu_s()
         tree.start()
         t0 = time.perf_counter()
-        rec.update(STEPS[step](n, blocks, tmp))
+        with guard:
+            rec.update(STEPS[step](n, blocks, tmp))
         rec["wall_s"] = round(time.perf_counter() - t0, 1)
         pss, rss = tree.stop()
         rec["cpu_s"] = round(tree.cpu_s() - cpu0 - tree.sampler_cpu_s, 1)
         rec["peak_pss_mib"] = round(pss / 2**20)
         rec["peak_proc_rss_mib"] = round(rss / 2**20)
         rec.update(store_stats())
-    except Exception as err:
+    except (KeyboardInterrupt, Exception) as err:
         tree.stop()
-        rec["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        if guard.tripped is None and not isinstance(err, Exception):
+            raise
+        # Ray may surface the interrupt as its own error (it raised OutOfDiskError at 95% disk use here).
+        # A task's error carries its traceback; the line Ray raised with is the one worth keeping.
+        raised = re.findall(r"^ray\.exceptions\.\w+: .*$", str(err), re.M)
+        text = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(err).__name__}: {(raised[-1] if raised else str(err))[:300]}")
+        if guard.tripped is not None:
+            t = guard.tripped
+            text = (f"stopped after {t['after_s']} s: {t['spill_dir_gib']} GiB spilled, {t['free_gib']} GiB left on the "
+                    f"disk (floor --min-free-gib {min_free_gib:g}); {text[:120]}")
+        rec["error"] = text
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -222,7 +270,8 @@ def markdown(results: dict[str, list[dict[str, Any]]], meta: dict[str, Any]) -> 
     for step, recs in results.items():
         for r in recs:
             if "error" in r:
-                lines.append(f"| {step} | {r['rows']:,} | - | - | - | - | - | - | - | did not finish: {r['error'][:120]} |")
+                error = " ".join(r["error"].split())[:160]  # one table line
+                lines.append(f"| {step} | {r['rows']:,} | - | - | - | - | - | - | - | did not finish: {error} |")
                 continue
             notes = {k: v for k, v in r.items() if k not in ("rows", "shuffle", "wall_s", "cpu_s", "peak_pss_mib",
                                                                "peak_proc_rss_mib", "spilled_mib", "restored_mib")}
@@ -246,6 +295,8 @@ def main() -> None:
                     help="skip dedup above this many rows (its shuffle is 40+ rows per input row)")
     ap.add_argument("--shuffle", default="sort_shuffle_pull_based",
                     choices=["sort_shuffle_pull_based", "sort_shuffle_push_based", "hash_shuffle"])
+    ap.add_argument("--min-free-gib", type=float, default=10.0,
+                    help="stop a step (recorded as not finished) when the spill disk has less free space than this")
     ap.add_argument("--name", default="scale_sim", help="output file stem (benchmarks/out/<name>.{json,md})")
     ap.add_argument("--resume", action="store_true", help="keep the sizes <name>.json already has; run the rest")
     ap.add_argument("--out", default="benchmarks/out")
@@ -269,7 +320,7 @@ def main() -> None:
                 results.setdefault(step, []).append({"rows": n, "error": f"skipped (--max-dedup-rows {args.max_dedup_rows})"})
                 continue
             print(f"{step} at {n:,} rows (load {os.getloadavg()[0]:.1f}) ...", flush=True)
-            rec = measure(step, n, args.object_store_mib, args.num_cpus, args.shuffle)
+            rec = measure(step, n, args.object_store_mib, args.num_cpus, args.shuffle, args.min_free_gib)
             print(f"  {rec}", flush=True)
             results.setdefault(step, []).append(rec)
             meta["load_after"] = round(os.getloadavg()[0], 2)
