@@ -133,7 +133,6 @@ class DedupConfig:
                 raise ValueError(f"dedup shuffle_strategy must be one of {allowed} or null, "
                                  f"got {self.shuffle_strategy!r}")
 
-
     def partitions_for(self, rows: int) -> int:
         """Groups per shuffle for an input of `rows` rows: one per rows_per_partition, within [1, partitions]."""
         return max(1, min(self.partitions, -(-rows // self.rows_per_partition)))
