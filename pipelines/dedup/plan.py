@@ -95,7 +95,9 @@ class DedupConfig:
     # on either (tests/test_dedup_core.py), only its task count does: a 148-row input split 64 ways ran 64
     # tasks per shuffle round, and its plan took 9-12 s on 2 cores.
     partitions: int = 64
-    # ~2 KB of shuffle rows per input row (40 LSH tables + url, sha256, phash stars): ~100 MB per group.
+    # Input rows per shuffle group (so groups = rows / this, within [1, partitions]); sets task counts, not
+    # results, and is not in the fingerprint. ~2 KB of shuffle rows per input row (40 LSH tables + url,
+    # sha256, phash stars), so ~100 MB per group.
     rows_per_partition: int = 50_000
     max_rounds: int = 40  # connected-components rounds before giving up
     eval_actors: int = 2  # actors holding the eval index
