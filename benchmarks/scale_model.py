@@ -48,18 +48,15 @@ MEASURED_ROWS_PER_PART = 1_000
 IDLE_CPU_PER_S = 0.0551
 
 
-def _marginal(costs: dict[str, Any], stage: str, metric: str) -> float:
-    """Per row. On a quiet run (load average before it at most 3x the machine's CPU count: an otherwise idle
-    2-core machine shows 2-6 from the benchmark's own Ray processes, the loaded runs 20-110) the marginal cost
+def _per_row(costs: dict[str, Any], stage: str, metric: str) -> tuple[float, str]:
+    """A stage's cost per row of `metric`, and which estimator gave it. On a quiet run (load average before
+    it at most 3x the machine's CPU count: an otherwise idle 2-core machine shows 2-6 from the benchmark's
+    own Ray processes, the loaded runs 20-110) the marginal cost
     between the two largest sizes, which leaves the stage's fixed cost out; when that comes out <= 0 (noise:
     shard's CPU fell from 3.2 to 0.6 s per 1k rows between 2,000 and 4,000 rows), or on a loaded run, whose
     marginal figures swing by more than the per-row cost itself (filter's CPU fell from 25.8 s at 2,000 rows
     to 6.8 s at 4,000 as the load eased), the larger per-1k figure of the two largest sizes: an upper bound
     with the fixed cost spread over those rows."""
-    return _per_row(costs, stage, metric)[0]
-
-
-def _per_row(costs: dict[str, Any], stage: str, metric: str) -> tuple[float, str]:
     s = costs["summary"].get(stage)
     if not s:
         return float("nan"), "not measured"
@@ -87,7 +84,7 @@ def model(costs: dict[str, Any], sim: dict[str, Any] | None) -> dict[str, Any]:
         # minus the idle Ray's CPU over the stage's wall time, shown beside it, is closer to the work itself.
         raw, how = _per_row(costs, stage, "cpu_s")
         cpu_row = raw
-        net = max(raw - idle * _marginal(costs, stage, "wall_s"), 0.0)
+        net = max(raw - idle * _per_row(costs, stage, "wall_s")[0], 0.0)
         src = f"scale_costs.json summary.{stage}.cpu_s: {how}"
         if stage == "crawl":
             photo = CRAWL_CORE_S_PHOTO * WEB_IMAGE_FACTOR
@@ -95,8 +92,8 @@ def model(costs: dict[str, Any], sim: dict[str, Any] | None) -> dict[str, Any]:
                 cpu_row, src = photo, "README bench_crawl 2 cores / 337 img/s x WEB_IMAGE_FACTOR (assumed)"
                 net = CRAWL_CORE_S_PHOTO * WEB_IMAGE_FACTOR
         core_h = n * cpu_row / 3600
-        req_row = _marginal(costs, stage, "s3_requests")
-        wr_row = _marginal(costs, stage, "s3_bytes_written")
+        req_row = _per_row(costs, stage, "s3_requests")[0]
+        wr_row = _per_row(costs, stage, "s3_bytes_written")[0]
         stages[stage] = {
             "rows_in": n, "cpu_s_per_row": cpu_row, "cpu_s_per_row_idle_corrected": net, "cpu_source": src, "core_hours": core_h,
             "node_hours": core_h / (NODE_VCPU * NODE_EFF),
