@@ -89,7 +89,8 @@ def bare_loop(model_name: str, batch: int, steps: int, threads: int, optimizer: 
     return {"threads": threads, "optimizer": optimizer, "steps": steps, "step_s": steady, "samples_per_s": batch / steady}
 
 
-def _bare_process(model_name: str, batch: int, steps: int, start, out) -> None:
+def _bare_process(model_name: str, batch: int, steps: int, ready, start, out) -> None:
+    ready.put(True)  # imported: torch and the model code are loaded
     start.wait()
     out.put(bare_loop(model_name, batch, steps, 1))
 
@@ -102,11 +103,12 @@ def bare_pair(model_name: str, batch: int, steps: int) -> dict:
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    start, out = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_bare_process, args=(model_name, batch // 2, steps, start, out)) for _ in range(2)]
+    ready, start, out = ctx.Queue(), ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_bare_process, args=(model_name, batch // 2, steps, ready, start, out)) for _ in range(2)]
     for p in procs:
         p.start()
-    time.sleep(5)  # both imported and waiting
+    for _ in procs:  # both imported and waiting, so both loops start together
+        ready.get(timeout=600)
     start.set()
     runs = [out.get(timeout=3600) for _ in procs]
     for p in procs:
