@@ -114,8 +114,9 @@ def step_dedup(n: int, blocks: int, tmp: str) -> dict[str, Any]:
     by = {}
     for row in dropped.groupby("reason").count().take_all():
         by[row["reason"]] = int(row["count()"])
-    # The groups per shuffle the plan used: one per rows_per_partition rows, capped at cfg.partitions.
-    return {"dropped": by, "partitions": cfg.partitions_for(n)}
+    # The groups per shuffle the plan used (one per rows_per_partition rows, capped at cfg.partitions) and
+    # its LSH passes (as many tables per pass as max_shuffle_rows allows).
+    return {"dropped": by, "partitions": cfg.partitions_for(n), "lsh_passes": len(cfg.lsh_passes(n))}
 
 
 def step_curate(n: int, blocks: int, tmp: str) -> dict[str, Any]:

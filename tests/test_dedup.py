@@ -222,13 +222,14 @@ def test_semantic_dedup_stage(tmp_path) -> None:
 
     off = load_config(DedupStageConfig, None, base + [f"output.path={tmp_path / 'off'}"])
     conf = to_dict(off.dedup)
-    del conf["semantic"], conf["rows_per_partition"]  # task counts, not results: not in the fingerprint
+    del conf["semantic"], conf["rows_per_partition"], conf["max_shuffle_rows"]  # tasks, not results: not fingerprinted
     sizes = [{"name": "scenes", "files": 4, "bytes": sum(len(b) for b in scenes[30:])}]
     assert fingerprint_of(off) == fingerprint("dedup", {"dedup": conf, "eval_sets": sizes},
                                               [read_committed(src, None, "input")[1]])
     assert fingerprint_of(load_config(DedupStageConfig, None, base + on + [f"output.path={tmp_path}/x"])) \
         != fingerprint_of(off)
     assert fingerprint_of(load_config(DedupStageConfig, None, base + ["dedup.rows_per_partition=3",
+                                                                      "dedup.max_shuffle_rows=5",
                                                                       f"output.path={tmp_path}/y"])) == fingerprint_of(off)
 
     out = str(tmp_path / "on")

@@ -16,7 +16,7 @@ import ray
 from PIL import Image, ImageDraw
 
 from pipelines.dedup.components import connected_components
-from pipelines.dedup.plan import DedupConfig, EvalMatcher, build_eval_index, overlap_report, plan_dedup
+from pipelines.dedup.plan import DedupConfig, EvalMatcher, _emit_shuffle_rows, build_eval_index, overlap_report, plan_dedup
 from pipelines.core.images import colour_signature, colour_signature_of_encoded, image_phash, phash_of_encoded
 from pipelines.dedup.near_dup import caption_shingles
 from pipelines.core.schema import sample_key
@@ -37,14 +37,37 @@ def test_config_validation_names_the_field() -> None:
     for bad, field in (({"hamming_threshold": -1}, "hamming_threshold"), ({"lsh_bits": 0}, "lsh_bits"),
                        ({"caption_jaccard": 1.5}, "caption_jaccard"), ({"lsh_bits": 60}, "lsh_bits"),
                        ({"shuffle_strategy": "magic"}, "shuffle_strategy"), ({"max_bucket": 1}, "max_bucket"),
-                       ({"rows_per_partition": 0}, "rows_per_partition")):
+                       ({"rows_per_partition": 0}, "rows_per_partition"), ({"max_shuffle_rows": 0}, "max_shuffle_rows")):
         with pytest.raises(ValueError, match=field):
             DedupConfig(**bad)
     # Groups per shuffle: one per rows_per_partition input rows, at least one, at most `partitions`.
     cfg = DedupConfig(partitions=64, rows_per_partition=50_000)
     assert [cfg.partitions_for(n) for n in (0, 148, 50_000, 50_001, 1_000_000, 10**9)] == [1, 1, 1, 2, 20, 64]
+    # LSH passes: as many tables per pass as max_shuffle_rows allows, every table exactly once.
+    cfg = DedupConfig(lsh_tables=40, max_shuffle_rows=50_000_000)
+    assert [len(cfg.lsh_passes(n)) for n in (0, 148, 1_000_000, 1_250_000, 1_250_001, 10_000_000, 10**9)] \
+        == [1, 1, 1, 1, 2, 8, 40]
+    for n in (1_250_001, 7_000_000, 10**9):
+        assert [t for r in cfg.lsh_passes(n) for t in r] == list(range(40))
     with pytest.raises(ValueError, match="item 1"):
         build_eval_index({"x": [5, b"not an image"]})
+
+
+def test_lsh_passes_emit_the_one_pass_rows_split_across_passes() -> None:
+    # Each pass emits its own tables' buckets (table id packed above the band bits) and only the first
+    # carries the url / sha256 / phash stars: together, exactly the rows of one pass.
+    rng = np.random.default_rng(3)
+    n = 50
+    batch = pa.table({"id": rng.integers(-2**62, 2**62, n), "phash": rng.integers(-2**63, 2**63 - 1, n),
+                      "colour_sig": rng.integers(0, 2**31, n),
+                      "url": [f"http://u/{i}" for i in range(n)], "sha256": [f"{i:064x}" for i in range(n)]})
+    cfg = DedupConfig(partitions=4, max_shuffle_rows=7 * n)
+    passes = cfg.lsh_passes(n)
+    assert [len(r) for r in passes] == [7] * 5 + [5]
+    rows = lambda t: sorted(zip(*(t.column(c).to_pylist() for c in t.column_names)))  # noqa: E731
+    one = _emit_shuffle_rows(batch, cfg, range(cfg.lsh_tables), stars=True)
+    split = pa.concat_tables([_emit_shuffle_rows(batch, cfg, r, stars=i == 0) for i, r in enumerate(passes)])
+    assert one.num_rows == n * (3 + cfg.lsh_tables) and rows(split) == rows(one)
 
 
 # ---------------------------------------------------------------- connected components
@@ -246,11 +269,15 @@ def test_dedup_is_deterministic_and_caption_minhash_adds_caption_drops(ray_clust
                       "width": im.width, "height": im.height, "original_width": im.width,
                       "original_height": im.height, "file_idx": 9})
     rows = planted.rows + extra
-    # One group per shuffle (the default for a small input), 64 and 7: the same drops whatever the layout.
+    # One group per shuffle (the default for a small input), 64 and 7; all 40 LSH tables in one pass (the
+    # default) and 3 passes of 17 / 17 / 6 tables: the same drops whatever the layout.
     assert DedupConfig().partitions_for(len(rows)) == 1 and DedupConfig(rows_per_partition=1).partitions_for(len(rows)) == 64
+    assert len(DedupConfig().lsh_passes(len(rows))) == 1
+    assert [len(r) for r in DedupConfig(max_shuffle_rows=17 * len(rows)).lsh_passes(len(rows))] == [17, 17, 6]
     base = plan_dedup(_dataset(rows, blocks=2, seed=2), DedupConfig()).to_pandas()
     wide = plan_dedup(_dataset(rows, blocks=3, seed=5), DedupConfig(rows_per_partition=1)).to_pandas()
-    again = plan_dedup(_dataset(rows, blocks=5, seed=3), DedupConfig(partitions=7, rows_per_partition=1)).to_pandas()
+    again = plan_dedup(_dataset(rows, blocks=5, seed=3), DedupConfig(partitions=7, rows_per_partition=1,
+                                                                      max_shuffle_rows=17 * len(rows))).to_pandas()
     sort = lambda df: df.sort_values("key").reset_index(drop=True)[["key", "file_idx", "reason", "detail"]]  # noqa: E731
     pandas.testing.assert_frame_equal(sort(base), sort(wide))
     pandas.testing.assert_frame_equal(sort(base), sort(again))

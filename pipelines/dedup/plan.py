@@ -99,6 +99,13 @@ class DedupConfig:
     # results, and is not in the fingerprint. ~2 KB of shuffle rows per input row (40 LSH tables + url,
     # sha256, phash stars), so ~100 MB per group.
     rows_per_partition: int = 50_000
+    # Shuffle rows per pass, at most. The image LSH emits lsh_tables rows per input row, and a sort shuffle
+    # holds them about three times over (map outputs, shuffled blocks, groups) in the object store or its
+    # spill: one pass over 1M rows x 40 tables spilled 5.4 GiB here, and 10M rows filled a 58 GB disk
+    # (docs/SCALING.md section 3). Above this many rows the tables are split into passes, each its own
+    # shuffle whose edges are kept and whose rows are freed before the next. Sets passes, not results, and
+    # is not in the fingerprint. The budget is for the whole cluster: scale it with the nodes' spill disks.
+    max_shuffle_rows: int = 50_000_000
     max_rounds: int = 40  # connected-components rounds before giving up
     eval_actors: int = 2  # actors holding the eval index
     # Ray Data shuffle strategy for this plan only (set on the plan's own DataContext copy; the
@@ -121,6 +128,7 @@ class DedupConfig:
         _check_range("max_bucket", self.max_bucket, 2, 1 << 20)
         _check_range("partitions", self.partitions, 1, 1 << 16)
         _check_range("rows_per_partition", self.rows_per_partition, 1, 1 << 40)
+        _check_range("max_shuffle_rows", self.max_shuffle_rows, 1, 1 << 50)
         _check_range("max_rounds", self.max_rounds, 1, 1000)
         _check_range("eval_actors", self.eval_actors, 1, 1024)
         if not 0.0 < self.caption_jaccard <= 1.0:
@@ -138,6 +146,12 @@ class DedupConfig:
     def partitions_for(self, rows: int) -> int:
         """Groups per shuffle for an input of `rows` rows: one per rows_per_partition, within [1, partitions]."""
         return max(1, min(self.partitions, -(-rows // self.rows_per_partition)))
+
+    def lsh_passes(self, rows: int) -> list[range]:
+        """The LSH tables each shuffle pass emits for an input of `rows` rows: as many tables per pass as
+        max_shuffle_rows allows (at least one), so one pass for a small input."""
+        per_pass = max(1, min(self.lsh_tables, self.max_shuffle_rows // max(rows, 1)))
+        return [range(a, min(a + per_pass, self.lsh_tables)) for a in range(0, self.lsh_tables, per_pass)]
 
 
 def _check_range(name: str, value: int, lo: int, hi: int) -> None:
@@ -244,17 +258,18 @@ def plan_dedup(keys: ray.data.Dataset, cfg: DedupConfig, eval_index: EvalIndex |
     rows = keys.map_batches(_prepare, batch_format="pyarrow", fn_kwargs={"with_caption": cfg.caption_minhash,
                             "with_colour": cfg.colour_threshold is not None}, **data_args())
     rows = rows.materialize()
-    cfg = replace(cfg, partitions=cfg.partitions_for(rows.count()))
+    n = rows.count()
+    cfg = replace(cfg, partitions=cfg.partitions_for(n))
     if cfg.shuffle_strategy is not None:
         rows.context.shuffle_strategy = cfg.shuffle_strategy  # a copy owned by this plan's lineage
     if eval_index is None:
-        return _graph_drops(rows, cfg)
+        return _graph_drops(rows, cfg, cfg.lsh_passes(n))
     tagged = rows.map_batches(EvalMatcher, fn_constructor_args=(eval_index, cfg.eval_hamming, cfg.colour_threshold),
                               batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=cfg.eval_actors), **data_args())
     tagged = tagged.materialize()
     overlap = tagged.map_batches(_eval_drops, batch_format="pyarrow", **data_args())
     clean = tagged.map_batches(_without_eval_hits, batch_format="pyarrow", **data_args())
-    return overlap.union(_graph_drops(clean, cfg))
+    return overlap.union(_graph_drops(clean, cfg, cfg.lsh_passes(n)))
 
 
 def _prepare(batch: pa.Table, with_caption: bool, with_colour: bool) -> pa.Table:
@@ -294,11 +309,18 @@ def _without_eval_hits(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.equal(batch.column("eval_set"), "")).drop_columns(["eval_set", "eval_hits"])
 
 
-def _graph_drops(rows: ray.data.Dataset, cfg: DedupConfig) -> ray.data.Dataset:
-    edges = (rows.map_batches(_emit_shuffle_rows, batch_format="pyarrow", fn_kwargs={"cfg": cfg}, **data_args())
-             .groupby("part", num_partitions=cfg.partitions)
-             .map_groups(_edges_in_partition, batch_format="pyarrow", fn_kwargs={"cfg": cfg}, **data_args())
-             .materialize())
+def _graph_drops(rows: ray.data.Dataset, cfg: DedupConfig, passes: list[range]) -> ray.data.Dataset:
+    # The first pass also carries the url / sha256 / phash stars (and caption buckets). Each pass is
+    # materialized before the next starts, so only one pass's shuffle rows are ever held.
+    per_pass = []
+    for i, tables in enumerate(passes):
+        per_pass.append(rows.map_batches(_emit_shuffle_rows, batch_format="pyarrow",
+                                         fn_kwargs={"cfg": cfg, "tables": tables, "stars": i == 0}, **data_args())
+                        .groupby("part", num_partitions=cfg.partitions)
+                        .map_groups(_edges_in_partition, batch_format="pyarrow", fn_kwargs={"cfg": cfg}, **data_args())
+                        .materialize())
+    # The same pair can meet in two passes: connected components takes duplicate edges as they are.
+    edges = per_pass[0].union(*per_pass[1:]).materialize() if len(per_pass) > 1 else per_pass[0]
     labels = connected_components(edges.select_columns(["src", "dst"]), cfg.partitions, cfg.max_rounds).labels
     parts = [rows.map_batches(_member_rows, batch_format="pyarrow", fn_kwargs={"partitions": cfg.partitions}, **data_args()),
              labels.map_batches(_label_rows, batch_format="pyarrow", fn_kwargs={"partitions": cfg.partitions}, **data_args())]
@@ -315,33 +337,36 @@ def _graph_drops(rows: ray.data.Dataset, cfg: DedupConfig) -> ray.data.Dataset:
 
 # ---------------------------------------------------------------- edges
 
-def _emit_shuffle_rows(batch: pa.Table, cfg: DedupConfig) -> pa.Table:
+def _emit_shuffle_rows(batch: pa.Table, cfg: DedupConfig, tables: range, stars: bool) -> pa.Table:
+    """Shuffle rows of the LSH `tables` (a slice of the lsh_tables), plus with `stars` the url / sha256 /
+    phash-equal stars and the caption buckets."""
     n = batch.num_rows
     ids = batch.column("id").to_numpy()
     phash = batch.column("phash").to_numpy()
     colour = batch.column("colour_sig").to_numpy()
     url, sha = batch.column("url"), batch.column("sha256")
     p = cfg.partitions
-    tables = [
-        _shuffle_rows(K_URL, _string_buckets(url), ids, p, text=url),
-        _shuffle_rows(K_SHA, _string_buckets(sha), ids, p, text=sha),
-        _shuffle_rows(K_PHASH, nd.image_value_keys(phash, colour), ids, p),  # equal phash and colour
-    ]
-    positions = nd.lsh_positions(cfg.lsh_tables, cfg.lsh_bits, cfg.seed)
-    bands = nd.band_keys(phash, positions)  # (n, L)
-    table_ids = np.arange(cfg.lsh_tables, dtype=np.int64) << cfg.lsh_bits
-    tables.append(_shuffle_rows(K_IMAGE_LSH, (bands | table_ids).ravel(), np.repeat(ids, cfg.lsh_tables), p,
-                                phash=np.repeat(phash, cfg.lsh_tables), colour=np.repeat(colour, cfg.lsh_tables)))
-    if cfg.caption_minhash and n:
+    out = []
+    if stars:
+        out += [_shuffle_rows(K_URL, _string_buckets(url), ids, p, text=url),
+                _shuffle_rows(K_SHA, _string_buckets(sha), ids, p, text=sha),
+                _shuffle_rows(K_PHASH, nd.image_value_keys(phash, colour), ids, p)]  # equal phash and colour
+    positions = nd.lsh_positions(cfg.lsh_tables, cfg.lsh_bits, cfg.seed)[tables.start:tables.stop]
+    bands = nd.band_keys(phash, positions)  # (n, len(tables))
+    table_ids = np.arange(tables.start, tables.stop, dtype=np.int64) << cfg.lsh_bits
+    k = len(tables)
+    out.append(_shuffle_rows(K_IMAGE_LSH, (bands | table_ids).ravel(), np.repeat(ids, k), p,
+                             phash=np.repeat(phash, k), colour=np.repeat(colour, k)))
+    if stars and cfg.caption_minhash and n:
         sigs, has_text = nd.caption_signatures(batch.column("caption").to_pylist(), cfg.num_perm, cfg.seed,
                                                cfg.caption_shingle)
         b, r = nd.minhash_bands(cfg.caption_jaccard, cfg.num_perm)
         sigs, cap_ids = sigs[has_text], ids[has_text]
         buckets = nd.signature_band_keys(sigs, b, r)  # (n', b)
         raw = [s.tobytes() for s in sigs]
-        tables.append(_shuffle_rows(K_CAPTION, buckets.ravel(), np.repeat(cap_ids, b), p,
-                                    sig=pa.array([x for x in raw for _ in range(b)], pa.binary())))
-    return pa.concat_tables(tables).combine_chunks()
+        out.append(_shuffle_rows(K_CAPTION, buckets.ravel(), np.repeat(cap_ids, b), p,
+                                 sig=pa.array([x for x in raw for _ in range(b)], pa.binary())))
+    return pa.concat_tables(out).combine_chunks()
 
 
 def _string_buckets(col: pa.ChunkedArray) -> np.ndarray:

@@ -204,7 +204,8 @@ def _prepare(cfg: DedupStageConfig) -> tuple[Storage, Manifest, list, str]:
     dedup = to_dict(cfg.dedup)
     if not cfg.dedup.semantic.enabled:  # counts only when on: outputs committed before it stay valid
         del dedup["semantic"]
-    del dedup["rows_per_partition"]  # how many tasks, not what they find: outputs committed before it stay valid
+    for key in ("rows_per_partition", "max_shuffle_rows"):  # how many tasks and passes, not what they find:
+        del dedup[key]                                       # outputs committed before them stay valid
     conf = {"dedup": dedup, "eval_sets": eval_sizes}
     return inp, in_manifest, eval_sets, fingerprint(NAME, conf, [in_manifest])
 
