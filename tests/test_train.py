@@ -31,7 +31,7 @@ from pipelines.train import checkpointing as ckpt_io
 from pipelines.train.config import MetricsConfig, MlflowConfig, OptimConfig, TrainConfig, TrainDataConfig, WandbConfig
 from pipelines.train.data import SamplePlan, committed_layout
 from pipelines.train.hooks import TrainHooks
-from pipelines.train.loop import ContrastiveModel, feature_cached_step, warmup_cosine
+from pipelines.train.loop import ContrastiveModel, feature_cached_step, skip_shm_comm_op, warmup_cosine
 from pipelines.train.stage import resolve_paths, run_training
 from pipelines.train.tracking import run_key
 
@@ -253,6 +253,15 @@ def test_loader_reads_the_plans_rows_and_augments_per_sample(shards) -> None:
 class _Exploit:
     def __reduce__(self):
         return (os.system, ("touch /tmp/pwned_by_checkpoint",))
+
+
+def test_deepspeed_comm_init_skips_the_shm_op() -> None:
+    """DeepSpeed's comm backend asks build_shm_op for its shared-memory op (a JIT build, then a load in every
+    worker); after skip_shm_comm_op it gets None, so torch.distributed (gloo) does every collective."""
+    from deepspeed.comm.torch import build_shm_op
+
+    skip_shm_comm_op()
+    assert build_shm_op() is None
 
 
 def test_checkpoint_loads_run_no_code(tmp_path) -> None:

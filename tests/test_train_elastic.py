@@ -175,6 +175,8 @@ def test_live_elastic_node_lost_and_regained(ray_session, shards, tmp_path, monk
             f"after the resume {r}: {after} (before it: {before}); losses {losses[max(0, r['step'] - 8):r['step'] + 8]}"
             f" reference {want[max(0, r['step'] - 8):r['step'] + 8]}")
     assert float(np.median(rel)) < 1e-2, f"median relative loss difference {np.median(rel):.2%}"
+    # No worker built or loaded DeepSpeed's shared-memory comm op (it prints "... built successfully" when it does).
+    assert "shm_comm" not in log.read_text()
     # Metrics through the resizes: TensorBoard (local run dir, dead attempts' steps purged) and MLflow (one run,
     # sent at each checkpoint) hold the committed history step for step.
     from mlflow.tracking import MlflowClient
