@@ -26,6 +26,7 @@ size. A size that fails (out of memory, a Ray error) or exceeds --timeout is rec
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -171,6 +172,15 @@ def store_stats() -> dict[str, int]:
     return out
 
 
+def _tree_bytes(root: str) -> int:
+    total = 0
+    for d, _, files in os.walk(root):
+        for f in files:
+            with contextlib.suppress(OSError):  # Ray deletes spill files as their objects are freed
+                total += os.path.getsize(os.path.join(d, f))
+    return total
+
+
 class DiskGuard:
     """Stops a step (KeyboardInterrupt in the main thread) when the disk holding the spill directory falls
     below `min_free_gib`: dedup at 10M rows spilled 26 GB in its first two minutes here, and a full disk
@@ -181,6 +191,9 @@ class DiskGuard:
 
         self.spill_dir, self.floor = spill_dir, min_free_gib * 2**30
         self.tripped: dict[str, Any] | None = None
+        # Largest size of the spill directory, sampled each second: what the disk must hold at once (Ray's
+        # "Spilled" total counts every object ever spilled, also those freed long before).
+        self.peak_spill_bytes = 0
         self._stop = threading.Event()
         self._t0 = time.perf_counter()
         self._thread = threading.Thread(target=self._watch, daemon=True)
@@ -198,8 +211,9 @@ class DiskGuard:
 
         while not self._stop.wait(1.0):
             free = shutil.disk_usage(self.spill_dir).free
+            spilled = _tree_bytes(self.spill_dir)
+            self.peak_spill_bytes = max(self.peak_spill_bytes, spilled)
             if free < self.floor:
-                spilled = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(self.spill_dir) for f in fs)
                 self.tripped = {"after_s": round(time.perf_counter() - self._t0), "spill_dir_gib": round(spilled / 2**30, 1),
                                 "free_gib": round(free / 2**30, 1)}
                 _thread.interrupt_main()
@@ -242,6 +256,7 @@ def measure(step: str, n: int, object_store_mib: int, num_cpus: int,
         rec["peak_pss_mib"] = round(pss / 2**20)
         rec["peak_proc_rss_mib"] = round(rss / 2**20)
         rec.update(store_stats())
+        rec["peak_spill_on_disk_mib"] = round(guard.peak_spill_bytes / 2**20)
     except (KeyboardInterrupt, Exception) as err:
         tree.stop()
         if guard.tripped is None and not isinstance(err, Exception):
@@ -267,23 +282,29 @@ def markdown(results: dict[str, list[dict[str, Any]]], meta: dict[str, Any]) -> 
              f"{meta.get('shuffle', 'sort_shuffle_pull_based')}; 1-minute load "
              f"average {meta['load_before']} before, {meta['load_after']} after.", "",
              "| step | rows | wall s | CPU s | CPU s per 1M rows | peak PSS MiB | largest process MiB | spilled MiB | "
-             "restored MiB | notes |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "restored MiB | spill on disk at once, MiB | notes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for step, recs in results.items():
         for r in recs:
             if "error" in r:
                 error = " ".join(r["error"].split())[:160]  # one table line
-                lines.append(f"| {step} | {r['rows']:,} | - | - | - | - | - | - | - | did not finish: {error} |")
+                lines.append(f"| {step} | {r['rows']:,} | - | - | - | - | - | - | - | - | did not finish: {error} |")
                 continue
             notes = {k: v for k, v in r.items() if k not in ("rows", "shuffle", "wall_s", "cpu_s", "peak_pss_mib",
-                                                               "peak_proc_rss_mib", "spilled_mib", "restored_mib")}
+                                                               "peak_proc_rss_mib", "spilled_mib", "restored_mib",
+                                                               "peak_spill_on_disk_mib")}
             lines.append(f"| {step} | {r['rows']:,} | {r['wall_s']:,} | {r['cpu_s']:,} | "
                          f"{1e6 * r['cpu_s'] / r['rows']:,.0f} | {r['peak_pss_mib']:,} | {r['peak_proc_rss_mib']:,} | "
-                         f"{r['spilled_mib']:,} | {r['restored_mib']:,} | {json.dumps(notes)} |")
+                         f"{r['spilled_mib']:,} | {r['restored_mib']:,} | {_mib(r.get('peak_spill_on_disk_mib'))} | "
+                         f"{json.dumps(notes)} |")
         ok = [r for r in recs if "error" not in r]
         lines.append(f"| {step} | growth exponent | {fit([(r['rows'], r['wall_s']) for r in ok]) or '-'} | "
                      f"{fit([(r['rows'], r['cpu_s']) for r in ok]) or '-'} | | "
-                     f"{fit([(r['rows'], r['peak_pss_mib']) for r in ok]) or '-'} | | | | |")
+                     f"{fit([(r['rows'], r['peak_pss_mib']) for r in ok]) or '-'} | | | | | |")
     return "\n".join(lines)
+
+
+def _mib(x: Any) -> str:
+    return "-" if x is None else f"{x:,}"  # runs recorded before the column existed
 
 
 def main() -> None:
