@@ -49,6 +49,11 @@ def test_config_validation_names_the_field() -> None:
         == [1, 1, 1, 1, 2, 8, 40]
     for n in (1_250_001, 7_000_000, 10**9):
         assert [t for r in cfg.lsh_passes(n) for t in r] == list(range(40))
+    # A pass's groups: its share of the 43 shuffle rows per input row (40 tables + 3 stars), one group per
+    # rows_per_partition input rows of that share: 10M rows, passes of 5 tables -> 38 groups, then 24.
+    cfg = DedupConfig(partitions=8192, rows_per_partition=50_000, max_shuffle_rows=50_000_000)
+    assert [cfg.pass_partitions(10_000_000, r, i == 0) for i, r in enumerate(cfg.lsh_passes(10_000_000))] == [38] + [24] * 7
+    assert cfg.pass_partitions(148, range(40), True) == cfg.partitions_for(148) == 1
     with pytest.raises(ValueError, match="item 1"):
         build_eval_index({"x": [5, b"not an image"]})
 
@@ -270,14 +275,16 @@ def test_dedup_is_deterministic_and_caption_minhash_adds_caption_drops(ray_clust
                       "original_height": im.height, "file_idx": 9})
     rows = planted.rows + extra
     # One group per shuffle (the default for a small input), 64 and 7; all 40 LSH tables in one pass (the
-    # default) and 3 passes of 17 / 17 / 6 tables: the same drops whatever the layout.
+    # default) and 3 passes of 17 / 17 / 6 tables, each with its own group count: the same drops whatever the layout.
     assert DedupConfig().partitions_for(len(rows)) == 1 and DedupConfig(rows_per_partition=1).partitions_for(len(rows)) == 64
     assert len(DedupConfig().lsh_passes(len(rows))) == 1
     assert [len(r) for r in DedupConfig(max_shuffle_rows=17 * len(rows)).lsh_passes(len(rows))] == [17, 17, 6]
     base = plan_dedup(_dataset(rows, blocks=2, seed=2), DedupConfig()).to_pandas()
     wide = plan_dedup(_dataset(rows, blocks=3, seed=5), DedupConfig(rows_per_partition=1)).to_pandas()
-    again = plan_dedup(_dataset(rows, blocks=5, seed=3), DedupConfig(partitions=7, rows_per_partition=1,
-                                                                      max_shuffle_rows=17 * len(rows))).to_pandas()
+    split = DedupConfig(rows_per_partition=20, max_shuffle_rows=17 * len(rows))
+    groups = [split.pass_partitions(len(rows), r, i == 0) for i, r in enumerate(split.lsh_passes(len(rows)))]
+    assert len(set(groups)) == 3 and min(groups) > 1, groups  # three passes, each with a group count of its own
+    again = plan_dedup(_dataset(rows, blocks=5, seed=3), split).to_pandas()
     sort = lambda df: df.sort_values("key").reset_index(drop=True)[["key", "file_idx", "reason", "detail"]]  # noqa: E731
     pandas.testing.assert_frame_equal(sort(base), sort(wide))
     pandas.testing.assert_frame_equal(sort(base), sort(again))

@@ -15,6 +15,7 @@ The output is deterministic: every choice is a minimum over ids/keys, never "the
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -153,6 +154,14 @@ class DedupConfig:
         per_pass = max(1, min(self.lsh_tables, self.max_shuffle_rows // max(rows, 1)))
         return [range(a, min(a + per_pass, self.lsh_tables)) for a in range(0, self.lsh_tables, per_pass)]
 
+    def pass_partitions(self, rows: int, tables: range, stars: bool) -> int:
+        """Groups for one pass's shuffle: partitions_for sizes groups for all lsh_tables + 3 star rows per input
+        row, and a pass of fewer tables takes proportionally fewer groups of the same size. A sort shuffle makes
+        one object per (input block, group): at 10M rows, 200 groups in each of 8 passes made 40,000 objects
+        a pass, and the per-object cost, not the bytes, set the time."""
+        share = (len(tables) + (3 if stars else 0)) / (self.lsh_tables + 3)
+        return self.partitions_for(math.ceil(rows * share))
+
 
 def _check_range(name: str, value: int, lo: int, hi: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
@@ -263,13 +272,13 @@ def plan_dedup(keys: ray.data.Dataset, cfg: DedupConfig, eval_index: EvalIndex |
     if cfg.shuffle_strategy is not None:
         rows.context.shuffle_strategy = cfg.shuffle_strategy  # a copy owned by this plan's lineage
     if eval_index is None:
-        return _graph_drops(rows, cfg, cfg.lsh_passes(n))
+        return _graph_drops(rows, cfg, n)
     tagged = rows.map_batches(EvalMatcher, fn_constructor_args=(eval_index, cfg.eval_hamming, cfg.colour_threshold),
                               batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=cfg.eval_actors), **data_args())
     tagged = tagged.materialize()
     overlap = tagged.map_batches(_eval_drops, batch_format="pyarrow", **data_args())
     clean = tagged.map_batches(_without_eval_hits, batch_format="pyarrow", **data_args())
-    return overlap.union(_graph_drops(clean, cfg, cfg.lsh_passes(n)))
+    return overlap.union(_graph_drops(clean, cfg, n))
 
 
 def _prepare(batch: pa.Table, with_caption: bool, with_colour: bool) -> pa.Table:
@@ -309,15 +318,20 @@ def _without_eval_hits(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.equal(batch.column("eval_set"), "")).drop_columns(["eval_set", "eval_hits"])
 
 
-def _graph_drops(rows: ray.data.Dataset, cfg: DedupConfig, passes: list[range]) -> ray.data.Dataset:
+def _graph_drops(rows: ray.data.Dataset, cfg: DedupConfig, n: int) -> ray.data.Dataset:
+    """n: the rows of `rows` (at most; eval drops may have removed some), which sets passes and group counts."""
     # The first pass also carries the url / sha256 / phash stars (and caption buckets). Each pass is
-    # materialized before the next starts, so only one pass's shuffle rows are ever held.
+    # materialized before the next starts, so only one pass's shuffle rows are ever held. A pass's shuffle
+    # groups only need to agree within the pass: each finds the edges of its own buckets.
     per_pass = []
-    for i, tables in enumerate(passes):
+    for i, tables in enumerate(cfg.lsh_passes(n)):
+        groups = cfg.pass_partitions(n, tables, stars=i == 0)
+        pass_cfg = replace(cfg, partitions=groups)
         per_pass.append(rows.map_batches(_emit_shuffle_rows, batch_format="pyarrow",
-                                         fn_kwargs={"cfg": cfg, "tables": tables, "stars": i == 0}, **data_args())
-                        .groupby("part", num_partitions=cfg.partitions)
-                        .map_groups(_edges_in_partition, batch_format="pyarrow", fn_kwargs={"cfg": cfg}, **data_args())
+                                         fn_kwargs={"cfg": pass_cfg, "tables": tables, "stars": i == 0}, **data_args())
+                        .groupby("part", num_partitions=groups)
+                        .map_groups(_edges_in_partition, batch_format="pyarrow", fn_kwargs={"cfg": pass_cfg},
+                                    **data_args())
                         .materialize())
     # The same pair can meet in two passes: connected components takes duplicate edges as they are.
     edges = per_pass[0].union(*per_pass[1:]).materialize() if len(per_pass) > 1 else per_pass[0]
