@@ -94,10 +94,10 @@ class Tree:
             self._seen_now()
             for p in self.procs():
                 try:
-                    m = p.memory_full_info()
-                    pss += m.pss
-                    rss = max(rss, m.rss)
-                except psutil.Error:
+                    proc_pss, proc_rss = _pss_rss(p)
+                    pss += proc_pss
+                    rss = max(rss, proc_rss)
+                except (psutil.Error, OSError):
                     pass
             self.peak_pss, self.peak_rss = max(self.peak_pss, pss), max(self.peak_rss, rss)
             self._stop.wait(0.25)
@@ -114,6 +114,20 @@ class Tree:
         if self._thread:
             self._thread.join()
         return self.peak_pss, self.peak_rss
+
+
+def _pss_rss(p: psutil.Process) -> tuple[int, int]:
+    """(PSS, RSS) in bytes from /proc/PID/smaps_rollup, which the kernel sums for us. psutil's memory_full_info
+    reads the whole /proc/PID/smaps: for Ray workers mapping a 2 GiB object store, four times a second over
+    twenty processes, that took 60% of a core and a third of the machine's time in the kernel (dedup at 10M
+    rows), and slowed the step it was measuring."""
+    try:
+        with open(f"/proc/{p.pid}/smaps_rollup") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line and not line[0].isdigit())
+        return int(fields["Pss"].split()[0]) * 1024, int(fields["Rss"].split()[0]) * 1024
+    except (FileNotFoundError, KeyError):  # a kernel before 4.14 has no smaps_rollup
+        m = p.memory_full_info()
+        return m.pss, m.rss
 
 
 def _ancestors(p: psutil.Process) -> list[psutil.Process]:
