@@ -90,6 +90,7 @@ class Tree:
     def _sample(self) -> None:
         start = time.thread_time()
         while not self._stop.is_set():
+            sample_start = time.thread_time()
             pss = rss = 0
             self._seen_now()
             for p in self.procs():
@@ -100,7 +101,9 @@ class Tree:
                 except (psutil.Error, OSError):
                     pass
             self.peak_pss, self.peak_rss = max(self.peak_pss, pss), max(self.peak_rss, rss)
-            self._stop.wait(0.25)
+            # Every 0.25 s, or less often when a sample is slow: even smaps_rollup costs the kernel a page-table
+            # walk, ~0.1 s a sample over Ray workers mapping a 2 GiB store; keep the sampler under ~20% of a core.
+            self._stop.wait(max(0.25, 4 * (time.thread_time() - sample_start)))
         self.sampler_cpu_s = time.thread_time() - start
 
     def start(self) -> None:

@@ -104,20 +104,23 @@ def _shard_rows(batch: dict[str, np.ndarray]) -> pa.Table:
 
 # ------------------------------------------------------------------------------------ the steps
 
-def step_dedup(n: int, blocks: int, tmp: str) -> dict[str, Any]:
+def step_dedup(n: int, blocks: int, tmp: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     import ray.data
 
     from pipelines.dedup.plan import DedupConfig, plan_dedup
 
     keys = ray.data.range(n, override_num_blocks=blocks).map_batches(_dedup_rows, batch_format="numpy")
-    cfg = DedupConfig(partitions=max(64, blocks), shuffle_strategy=None)  # None: the context's, set by measure()
+    # shuffle_strategy None: the context's, set by measure(). overrides: --dedup KEY=VALUE (e.g. the LSH of
+    # configs/cluster.yaml).
+    cfg = DedupConfig(**{"partitions": max(64, blocks), "shuffle_strategy": None, **(overrides or {})})
     dropped = plan_dedup(keys, cfg).materialize()
     by = {}
     for row in dropped.groupby("reason").count().take_all():
         by[row["reason"]] = int(row["count()"])
     # The groups per shuffle the plan used (one per rows_per_partition rows, capped at cfg.partitions) and
     # its LSH passes (as many tables per pass as max_shuffle_rows allows).
-    return {"dropped": by, "partitions": cfg.partitions_for(n), "lsh_passes": len(cfg.lsh_passes(n))}
+    out = {"dropped": by, "partitions": cfg.partitions_for(n), "lsh_passes": len(cfg.lsh_passes(n))}
+    return {**out, "dedup": overrides} if overrides else out
 
 
 def step_curate(n: int, blocks: int, tmp: str) -> dict[str, Any]:
@@ -221,7 +224,8 @@ class DiskGuard:
 
 
 def measure(step: str, n: int, object_store_mib: int, num_cpus: int,
-            shuffle: str = "sort_shuffle_pull_based", min_free_gib: float = 10.0) -> dict[str, Any]:
+            shuffle: str = "sort_shuffle_pull_based", min_free_gib: float = 10.0,
+            options: dict[str, Any] | None = None) -> dict[str, Any]:
     import ray
     import ray.data
 
@@ -249,7 +253,7 @@ def measure(step: str, n: int, object_store_mib: int, num_cpus: int,
         tree.start()
         t0 = time.perf_counter()
         with guard:
-            rec.update(STEPS[step](n, blocks, tmp))
+            rec.update(STEPS[step](n, blocks, tmp, **({"overrides": options} if options else {})))
         rec["wall_s"] = round(time.perf_counter() - t0, 1)
         pss, rss = tree.stop()
         rec["cpu_s"] = round(tree.cpu_s() - cpu0 - tree.sampler_cpu_s, 1)
@@ -319,10 +323,21 @@ def main() -> None:
                     choices=["sort_shuffle_pull_based", "sort_shuffle_push_based", "hash_shuffle"])
     ap.add_argument("--min-free-gib", type=float, default=10.0,
                     help="stop a step (recorded as not finished) when the spill disk has less free space than this")
+    ap.add_argument("--dedup", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="DedupConfig keys for the dedup step (YAML values), e.g. the LSH of configs/cluster.yaml: "
+                         "hamming_threshold=4 lsh_bits=26 lsh_tables=32")
     ap.add_argument("--name", default="scale_sim", help="output file stem (benchmarks/out/<name>.{json,md})")
     ap.add_argument("--resume", action="store_true", help="keep the sizes <name>.json already has; run the rest")
     ap.add_argument("--out", default="benchmarks/out")
     args = ap.parse_args()
+    import yaml
+
+    dedup_options = {}
+    for item in args.dedup:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--dedup takes KEY=VALUE, got {item!r}")
+        dedup_options[key] = yaml.safe_load(value)
     meta = {"shuffle": args.shuffle, "cpus": os.cpu_count(), "num_cpus": args.num_cpus, "object_store_mib": args.object_store_mib,
             "load_before": round(os.getloadavg()[0], 2), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     results: dict[str, list[dict[str, Any]]] = {step: [] for step in args.steps}
@@ -342,7 +357,8 @@ def main() -> None:
                 results.setdefault(step, []).append({"rows": n, "error": f"skipped (--max-dedup-rows {args.max_dedup_rows})"})
                 continue
             print(f"{step} at {n:,} rows (load {os.getloadavg()[0]:.1f}) ...", flush=True)
-            rec = measure(step, n, args.object_store_mib, args.num_cpus, args.shuffle, args.min_free_gib)
+            rec = measure(step, n, args.object_store_mib, args.num_cpus, args.shuffle, args.min_free_gib,
+                          dedup_options if step == "dedup" else None)
             print(f"  {rec}", flush=True)
             results.setdefault(step, []).append(rec)
             meta["load_after"] = round(os.getloadavg()[0], 2)
