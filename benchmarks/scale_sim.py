@@ -7,7 +7,8 @@ The steps whose cost can grow faster than the rows, each through the project's o
 (one node: this machine) with a fixed object store, so that spilling shows when the data outgrows it:
 
 - dedup: `pipelines.dedup.plan.plan_dedup` (no eval index): URL / sha256 / phash-equal stars and 40-table phash
-  LSH buckets in one groupby, then the connected components rounds (pipelines/dedup/components.py), then two
+  LSH buckets in groupby passes of at most `max_shuffle_rows` rows (`--dedup KEY=VALUE` sets any DedupConfig
+  key, e.g. the cluster's LSH), then the connected components rounds (pipelines/dedup/components.py), then two
   groupbys that attach components and pick representatives. Rows: random 64-bit phashes and colour signatures;
   1% exact image copies (same sha256 and phash), 1% near copies (phash with 2 bits flipped), 0.5% repeated URLs.
 - curate: the global entry counts of `pipelines.curate.stage._sum_counts`: per input file (10,000 rows) a table
@@ -19,8 +20,8 @@ The steps whose cost can grow faster than the rows, each through the project's o
   standing in for the other columns; real rows also carry the image (10-30 KB), which the sort moves too.
 
 Measured per step: wall seconds, CPU seconds of the whole process tree, peak PSS of the tree (one node, so
-"per node"), the object store's spilled and restored bytes (Ray's own store stats), and the step's output
-size. A size that fails (out of memory, a Ray error) or exceeds --timeout is recorded as such, not retried.
+"per node"), the object store's spilled and restored bytes (Ray's own store stats), the spill directory's
+largest size, and the step's output size. A size that fails (out of memory, a Ray error) or exceeds --timeout is recorded as such, not retried.
 """
 
 from __future__ import annotations
