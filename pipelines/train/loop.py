@@ -109,10 +109,11 @@ def skip_shm_comm_op() -> None:
     """Keep DeepSpeed from building and loading its shared-memory comm op, which training never uses.
 
     On the CPU accelerator DeepSpeed's comm init JIT-compiles `deepspeed_shm_comm` (35-100 s on a fresh machine)
-    and, once built, loads it in every worker (a ninja check under a file lock: 3-9 s a process measured
-    here). Only `inference_all_reduce` calls it; training's collectives are torch.distributed's (gloo on
-    CPU). DeepSpeed keeps `deepspeed.ops.__compatible_ops__` as one dict so that edits persist, and skips an op
-    marked incompatible there. Other accelerators have no such builder: a no-op on GPU."""
+    and, once built, loads it in every worker (a ninja check under a file lock: 9 s a process, measured on the
+    loaded 2-core machine). Only `inference_all_reduce` calls it; training's collectives are torch.distributed's
+    (gloo on CPU). DeepSpeed keeps `deepspeed.ops.__compatible_ops__` as one dict so that edits persist, and
+    skips an op marked incompatible there. CPU only: the CUDA accelerator has no such op, and reading the dict
+    makes DeepSpeed probe every op builder, which it defers because the probe is slow."""
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -121,7 +122,8 @@ def skip_shm_comm_op() -> None:
 def build_engine(cfg: TrainConfig, per_worker: int, total_steps: int, universal: bool, world: int, rank: int):
     import deepspeed
 
-    skip_shm_comm_op()
+    if not cfg.use_gpu:
+        skip_shm_comm_op()
     # Ray Train already initialised torch.distributed (gloo on CPU): DeepSpeed wraps that group.
     deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and in the test's reference
