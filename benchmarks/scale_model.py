@@ -109,7 +109,6 @@ def model(costs: dict[str, Any], sim: dict[str, Any] | None) -> dict[str, Any]:
         st = stages[stage]  # the slower of CPU and S3 transfer bounds the stage
         st["hours_on_cluster"] = max(st["cpu_hours_on_cluster"], st["io_hours_on_cluster"])
         st["bound_by"] = "cpu" if st["cpu_hours_on_cluster"] >= st["io_hours_on_cluster"] else "s3 transfer"
-    # Bytes on S3: rows that carry images (crawl output = pool, every later stage a subset), per ROW_BYTES.
     parts = attempted / ROWS_PER_PART
     peak_put_s = {}  # PUT rate if a stage's parts all finished within its hours on the cluster, per prefix
     for stage, st in stages.items():
