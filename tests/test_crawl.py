@@ -127,10 +127,13 @@ def test_crawl_killed_midway_resumes_to_the_same_keys(tmp_path) -> None:
     content = WebContent([s.image for s in samples], [s.caption for s in samples], image_delay_s=0.05)
     with LocalWebServer(content) as slow_web:
         src = write_list(slow_web.url_list(), str(tmp_path / "list.parquet"))
+        # A generous deadline: this test is about resuming, and a row lost to `deadline` on a loaded machine
+        # (the default here is 1.5 s) would make the two runs differ for a reason that is not the resume.
+        slow_ok = {"rows_per_part": 20, "threads_per_worker": 2, "fetch.deadline_s": 60}
         clean = str(tmp_path / "clean")
-        run(crawl_config([src], clean, rows_per_part=20, threads_per_worker=2))
+        assert run(crawl_config([src], clean, **slow_ok)).rows_out == 160
         killed = str(tmp_path / "killed")
-        args = crawl_overrides([src], killed, rows_per_part=20, threads_per_worker=2, workers=1)
+        args = crawl_overrides([src], killed, workers=1, **slow_ok)
         env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
         proc = subprocess.Popen([sys.executable, "-m", "pipelines.crawl", *args], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -148,7 +151,7 @@ def test_crawl_killed_midway_resumes_to_the_same_keys(tmp_path) -> None:
         committed_before = markers()
         assert 2 <= committed_before < 8, "the crawl was not killed midway"
         assert not os.path.exists(os.path.join(killed, "_manifest.json"))
-        m = run(crawl_config([src], killed, rows_per_part=20, threads_per_worker=2, workers=1))
+        m = run(crawl_config([src], killed, workers=1, **slow_ok))
     assert m.extra["parts_reused"] >= 2
     keys = committed_keys(killed)
     assert len(keys) == len(set(keys)) == 160
