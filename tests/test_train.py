@@ -13,6 +13,8 @@ import dataclasses
 import json
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -262,6 +264,17 @@ def test_deepspeed_comm_init_skips_the_shm_op() -> None:
 
     skip_shm_comm_op()
     assert build_shm_op() is None
+
+
+def test_import_deepspeed_leaves_mlflow_unimported_and_importable() -> None:
+    """In a fresh process (as a training worker is): DeepSpeed imports without its autotuner pulling mlflow in,
+    and mlflow still imports afterwards for the MLflow sink."""
+    code = ("import sys\nfrom pipelines.train.ds_import import import_deepspeed\n"
+            "ds = import_deepspeed()\nassert 'mlflow' not in sys.modules, 'mlflow imported'\n"
+            "assert ds.initialize and ds is import_deepspeed()\n"
+            "import mlflow\nassert mlflow.set_tracking_uri\nprint('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "ok", r.stderr[-2000:]  # DeepSpeed prints too
 
 
 def test_checkpoint_loads_run_no_code(tmp_path) -> None:

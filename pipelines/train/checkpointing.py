@@ -46,6 +46,7 @@ import pyarrow.fs as pafs
 import torch
 
 from pipelines.core.storage import Storage
+from pipelines.train.ds_import import import_deepspeed
 
 DS_TAG = "ds"
 UNIVERSAL_TAG = "ds_universal"
@@ -86,6 +87,7 @@ def _allowed_globals() -> list:
     """Classes DeepSpeed 0.19.8's ZeRO-1/2/3 and universal checkpoints pickle besides tensors and containers
     (found by loading them under the weights_only unpickler). Each is a plain data holder: allowing it
     lets the unpickler build it, nothing else."""
+    import_deepspeed()
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -225,6 +227,7 @@ def load_dir(directory: str, universal: bool) -> Iterator[tuple[str, str]]:
 
 def to_universal(input_folder: str, output_folder: str) -> None:
     """DeepSpeed's own converter, called in-process (its CLI is a thin argparse wrapper)."""
+    import_deepspeed()
     from deepspeed.checkpoint import ds_to_universal
 
     args = argparse.Namespace(input_folder=input_folder, output_folder=output_folder, num_extract_workers=1,

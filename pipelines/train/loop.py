@@ -28,6 +28,7 @@ from clip_model.optim import adamw
 from pipelines.train import checkpointing as ckpt_io
 from pipelines.train.config import TrainConfig, run_dir
 from pipelines.train.data import InputSpec, SamplePlan, StepFeeder, load_tokenizer
+from pipelines.train.ds_import import import_deepspeed
 from pipelines.train.hooks import TrainHooks
 from pipelines.train.tracking import MetricSinks
 
@@ -114,13 +115,11 @@ def skip_shm_comm_op() -> None:
     (gloo on CPU). DeepSpeed keeps `deepspeed.ops.__compatible_ops__` as one dict so that edits persist, and
     skips an op marked incompatible there. CPU only: the CUDA accelerator has no such op, and reading the dict
     makes DeepSpeed probe every op builder, which it defers because the probe is slow."""
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    import_deepspeed().ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def build_engine(cfg: TrainConfig, per_worker: int, total_steps: int, universal: bool, world: int, rank: int):
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     if not cfg.use_gpu:
         skip_shm_comm_op()
