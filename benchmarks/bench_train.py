@@ -4,6 +4,9 @@ against a torch.matmul peak measured on this machine, all in one run.
 
 - bare loop: pre-decoded tensors in memory, torch AdamW, the same ClipLoss, no Ray, no DeepSpeed:
   the compute-only ceiling for this model and batch with all of torch's threads.
+- bare pairs: two 1-thread bare loops at once on half the batch each, without any communication (the
+  cores' ceiling for 1 -> 2) and in lockstep as plain data parallel over gloo (global-batch loss, one flat
+  gradient all-reduce per step: the ceiling of any synchronous data-parallel trainer on this machine).
 - full path: `pipelines.train.run_training` on generated shards (read + decode + augment + tokenise in
   each worker's loader actors, ZeRO-2, gloo), several epochs so that epoch boundaries are inside the
   measurement. Rates: over all steps after the first (data waits and epoch starts included), the
@@ -66,22 +69,39 @@ def step_flops(model_name: str, batch: int) -> int:
     return counter.get_total_flops()
 
 
-def bare_loop(model_name: str, batch: int, steps: int, threads: int, optimizer: str = "fused") -> dict:
+def bare_loop(model_name: str, batch: int, steps: int, threads: int, optimizer: str = "fused",
+              exchange: tuple[int, int] | None = None) -> dict:
     """optimizer "fused": the training loop's own (clip_model.optim.adamw); "default": torch.optim.AdamW with
-    its defaults on the same groups, the loop a user writes first (per-tensor kernels on CPU)."""
+    its defaults on the same groups, the loop a user writes first (per-tensor kernels on CPU).
+
+    exchange=(rank, world): plain data parallel over the gloo group the caller set up, what any synchronous
+    data-parallel trainer must do at least: the loss over the global batch (embeddings gathered, as
+    clip_model.loss does for the training loop) and one all-reduce of all gradients, flattened, per step."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = build_model(get_config(model_name))
     opt = adamw(model, 1e-3, 0.1) if optimizer == "fused" else torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3)
-    loss_fn = build_loss("clip")
+    loss_fn = build_loss("clip", world_size=exchange[1], rank=exchange[0]) if exchange else build_loss("clip")
     images, tokens = synthetic_batch(model_name, batch)
     times = []
     for _ in range(steps + 1):
+        if exchange:
+            dist.barrier()  # each step starts together, as synchronous workers do
         start = time.perf_counter()
         img, txt, scale = model(images, tokens)
         loss = loss_fn(img, txt, scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if exchange:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            flat = _flatten_dense_tensors(grads)
+            dist.all_reduce(flat)
+            flat.div_(exchange[1])
+            for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                g.copy_(reduced)
         opt.step()
         times.append(time.perf_counter() - start)
     # The first step pays allocator and kernel warm-up; the median resists the shared machine's spikes.
@@ -89,22 +109,37 @@ def bare_loop(model_name: str, batch: int, steps: int, threads: int, optimizer: 
     return {"threads": threads, "optimizer": optimizer, "steps": steps, "step_s": steady, "samples_per_s": batch / steady}
 
 
-def _bare_process(model_name: str, batch: int, steps: int, ready, start, out) -> None:
+def _bare_process(model_name: str, batch: int, steps: int, ready, start, out, rank: int = 0,
+                  gloo_port: int | None = None) -> None:
+    exchange = None
+    if gloo_port is not None:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{gloo_port}", rank=rank, world_size=2)
+        exchange = (rank, 2)
     ready.put(True)  # imported: torch and the model code are loaded
     start.wait()
-    out.put(bare_loop(model_name, batch, steps, 1))
+    out.put(bare_loop(model_name, batch, steps, 1, exchange=exchange))
 
 
-def bare_pair(model_name: str, batch: int, steps: int) -> dict:
+def bare_pair(model_name: str, batch: int, steps: int, exchange: bool = False) -> dict:
     """This machine's own ceiling for 1 -> 2 workers: two processes of 1 thread each, started together, each
-    running the bare loop on half the global batch (what each of 2 workers computes), without any gradient
-    exchange. Their summed rate over the 1-thread bare loop on the whole batch is the most 2 x 1 can gain
+    running the bare loop on half the global batch (what each of 2 workers computes).
+
+    exchange=False: no communication at all, the ceiling of the cores alone. exchange=True: plain synchronous
+    data parallel over gloo (the global-batch loss and one flat all-reduce of the gradients per step, no
+    DeepSpeed, no Ray, no loaders): the ceiling for any trainer that exchanges gradients every step on this
+    machine. Their summed rate over the 1-thread bare loop on the whole batch is the most 2 x 1 can gain
     here; on 2 cores both processes share the memory bandwidth and the turbo budget."""
     import multiprocessing as mp
 
+    from pipelines.core.ports import free_ports
+
     ctx = mp.get_context("spawn")
     ready, start, out = ctx.Queue(), ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_bare_process, args=(model_name, batch // 2, steps, ready, start, out)) for _ in range(2)]
+    port = free_ports(1)[0] if exchange else None
+    procs = [ctx.Process(target=_bare_process, args=(model_name, batch // 2, steps, ready, start, out, rank, port))
+             for rank in range(2)]
     for p in procs:
         p.start()
     for _ in procs:  # both imported and waiting, so both loops start together
@@ -113,8 +148,10 @@ def bare_pair(model_name: str, batch: int, steps: int) -> dict:
     runs = [out.get(timeout=3600) for _ in procs]
     for p in procs:
         p.join()
-    return {"processes": 2, "batch_each": batch // 2, "step_s": [r["step_s"] for r in runs],
-            "samples_per_s": sum(r["samples_per_s"] for r in runs)}
+    # With exchange both processes step in lockstep; the slower one sets the pace of the pair.
+    rate = 2 * min(r["samples_per_s"] for r in runs) if exchange else sum(r["samples_per_s"] for r in runs)
+    return {"processes": 2, "batch_each": batch // 2, "exchange": exchange, "step_s": [r["step_s"] for r in runs],
+            "samples_per_s": rate}
 
 
 def full_path(model_name: str, batch: int, workers: int, shards: str, steps: int, root: str) -> dict:
@@ -141,6 +178,11 @@ def full_path(model_name: str, batch: int, workers: int, shards: str, steps: int
             "wall_s": summary["driver_wall_s"], "end_to_end_samples_per_s": summary["steps"] * batch / summary["driver_wall_s"]}
 
 
+def _rate(x: float) -> str:
+    """A samples/s figure with three significant digits at least (ViT-B/32 runs at 1-4 samples/s here)."""
+    return f"{x:.1f}" if x >= 100 else f"{x:.2f}" if x >= 10 else f"{x:.3f}"
+
+
 def write_report(result: dict, out: str) -> None:
     os.makedirs(out, exist_ok=True)
     tag = result["model"].replace("/", "")
@@ -163,15 +205,18 @@ def write_report(result: dict, out: str) -> None:
     for b in result["bare"]:
         peak_b = result["matmul_peak_1t_gflops"] if b["threads"] == 1 else peak
         what = "fused AdamW (the training optimizer)" if b["optimizer"] == "fused" else "torch.optim.AdamW defaults"
-        lines.append(f"| bare PyTorch loop, tensors in memory, {what} | 1 x {b['threads']} | - | {b['samples_per_s']:.1f} | - | - | - "
+        lines.append(f"| bare PyTorch loop, tensors in memory, {what} | 1 x {b['threads']} | - | {_rate(b['samples_per_s'])} | - | - | - "
                      f"| {b['flops_per_s'] / 1e9 / peak_b:.1%} of {b['threads']}-thread peak |")
     pair = result["bare_pair"]
     lines.append(f"| two bare loops at once (fused AdamW), each on half the batch, no gradient exchange | 2 x 1 | - | "
-                 f"{pair['samples_per_s']:.1f} | - | - | - | - |")
+                 f"{_rate(pair['samples_per_s'])} | - | - | - | - |")
+    pair_x = result["bare_pair_exchange"]
+    lines.append(f"| two bare loops in lockstep, plain data parallel over gloo (global-batch loss, one gradient "
+                 f"all-reduce per step) | 2 x 1 | - | {_rate(pair_x['samples_per_s'])} | - | - | - | - |")
     for r in result["full"]:
         peak_r = result["matmul_peak_1t_gflops"] * r["workers"]
-        lines.append(f"| Ray Train + DeepSpeed ZeRO-2 + loaders | {r['workers']} x 1 | {r['samples_per_s']:.1f} | "
-                     f"{r['median_step_samples_per_s']:.1f} | {r['end_to_end_samples_per_s']:.1f} | "
+        lines.append(f"| Ray Train + DeepSpeed ZeRO-2 + loaders | {r['workers']} x 1 | {_rate(r['samples_per_s'])} | "
+                     f"{_rate(r['median_step_samples_per_s'])} | {_rate(r['end_to_end_samples_per_s'])} | "
                      f"{r['mean_data_wait_ms']:.1f} / {r['p99_data_wait_ms']:.1f} / {r['max_data_wait_ms']:.1f} | "
                      f"{r['startup_s']:.1f} | {r['flops_per_s'] / 1e9 / peak_r:.1%} of {r['workers']} x 1-thread peak |")
     ratios = result["ratios"]
@@ -179,7 +224,9 @@ def write_report(result: dict, out: str) -> None:
               f"optimizer), {ratios['full1_vs_bare1_default_adamw']:.2f} against the bare loop with torch's default AdamW. "
               f"2 workers / 1 worker: {ratios['scaling_1_to_2']:.2f} (goal >= 1.7), against this machine's own "
               f"ceiling of {ratios['machine_1_to_2']:.2f} (two 1-thread bare loops at once, each on half the batch, "
-              f"no gradient exchange: {result['bare_pair']['samples_per_s']:.1f} samples/s together). "
+              f"no gradient exchange: {_rate(result['bare_pair']['samples_per_s'])} samples/s together), and "
+              f"{ratios['exchange_1_to_2']:.2f} for plain data parallel with the gradient all-reduce every "
+              f"synchronous trainer needs; the full path reaches {ratios['full2_vs_exchange_pair']:.2f} of that pair. "
               f"Full path 2 x 1 / bare loop {result['threads']} threads: {ratios['full2_vs_bare_all']:.2f}.",
               "Rates over all steps after the first include every data wait and every epoch boundary. Each Ray "
               "Train worker runs 1 torch thread (1 CPU); its loader actor holds 0.5 CPU on the same 2 cores."]
@@ -213,6 +260,7 @@ def main() -> None:
     bare = [bare_loop(args.model, args.batch, args.bare_steps, t) for t in sorted({1, threads})]
     bare.append(bare_loop(args.model, args.batch, args.bare_steps, 1, optimizer="default"))
     pair = bare_pair(args.model, args.batch, args.bare_steps)
+    pair_exchange = bare_pair(args.model, args.batch, args.bare_steps, exchange=True)
     torch.set_num_threads(threads)
     for b in bare:
         b["flops_per_s"] = flops / b["step_s"]
@@ -237,9 +285,11 @@ def main() -> None:
               "steps_per_epoch": args.rows // args.batch, "cpus": os.cpu_count(), "threads": threads,
               "load_average_before": round(load, 1), "load_average_after": round(os.getloadavg()[0], 1),
               "matmul_peak_gflops": peak, "matmul_peak_1t_gflops": peak_1t, "flops_per_step": flops,
-              "bare": bare, "bare_pair": pair, "full": full,
+              "bare": bare, "bare_pair": pair, "bare_pair_exchange": pair_exchange, "full": full,
               "ratios": {"full1_vs_bare1": rate.get(1, float("nan")) / bare1["samples_per_s"],
                          "machine_1_to_2": pair["samples_per_s"] / bare1["samples_per_s"],
+                         "exchange_1_to_2": pair_exchange["samples_per_s"] / bare1["samples_per_s"],
+                         "full2_vs_exchange_pair": rate.get(2, float("nan")) / pair_exchange["samples_per_s"],
                          "full1_vs_bare1_default_adamw": rate.get(1, float("nan")) / bare1_default["samples_per_s"],
                          "scaling_1_to_2": rate.get(2, float("nan")) / rate.get(1, float("nan")),
                          "full2_vs_bare_all": rate.get(2, float("nan")) / bare_all["samples_per_s"]}}
