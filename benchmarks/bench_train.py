@@ -69,6 +69,20 @@ def step_flops(model_name: str, batch: int) -> int:
     return counter.get_total_flops()
 
 
+def average_gradients(model: torch.nn.Module, world: int) -> None:
+    """Plain synchronous data parallel's exchange: every gradient, flattened into one buffer, all-reduced over
+    the default process group and averaged in place (what DDP does, without its buckets)."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat.div_(world)
+    for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(reduced)
+
+
 def bare_loop(model_name: str, batch: int, steps: int, threads: int, optimizer: str = "fused",
               exchange: tuple[int, int] | None = None) -> dict:
     """optimizer "fused": the training loop's own (clip_model.optim.adamw); "default": torch.optim.AdamW with
@@ -78,7 +92,6 @@ def bare_loop(model_name: str, batch: int, steps: int, threads: int, optimizer: 
     data-parallel trainer must do at least: the loss over the global batch (embeddings gathered, as
     clip_model.loss does for the training loop) and one all-reduce of all gradients, flattened, per step."""
     import torch.distributed as dist
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -96,12 +109,7 @@ def bare_loop(model_name: str, batch: int, steps: int, threads: int, optimizer: 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if exchange:
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            flat = _flatten_dense_tensors(grads)
-            dist.all_reduce(flat)
-            flat.div_(exchange[1])
-            for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-                g.copy_(reduced)
+            average_gradients(model, exchange[1])
         opt.step()
         times.append(time.perf_counter() - start)
     # The first step pays allocator and kernel warm-up; the median resists the shared machine's spikes.

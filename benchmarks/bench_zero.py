@@ -31,9 +31,7 @@ def _worker(rank: int, mode: str, model_name: str, batch: int, steps: int, port:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-    from benchmarks.bench_train import synthetic_batch
+    from benchmarks.bench_train import average_gradients, synthetic_batch
     from clip_model import build_loss, build_model, get_config
     from clip_model.optim import adamw
     from pipelines.train.ds_import import import_deepspeed
@@ -49,12 +47,7 @@ def _worker(rank: int, mode: str, model_name: str, batch: int, steps: int, port:
             opt.zero_grad(set_to_none=True)
             model(images, tokens)[0].backward()
             if mode == "plain":
-                grads = [p.grad for p in model.parameters() if p.grad is not None]
-                flat = _flatten_dense_tensors(grads)
-                dist.all_reduce(flat)
-                flat.div_(2)
-                for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-                    g.copy_(reduced)
+                average_gradients(model, 2)
             opt.step()
     else:
         deepspeed = import_deepspeed()
