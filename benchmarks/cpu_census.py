@@ -6,7 +6,9 @@ whose time is CPU on a 2-core machine: it says which processes that CPU is spent
 run counts from zero; one that lived before it counts from the first sample. A process that starts and ends
 between two samples is missed (short-lived helpers; the summary says how many processes were seen).
 Ray renames its workers after they start (`ray::IDLE`, then `ray::ClassName.method`), so a worker is named by
-the first title past IDLE that a sample saw.
+the first title past IDLE that a sample saw. A task worker goes back to `ray::IDLE` after each task, so one that
+only ran tasks shorter than the gap between samples counts as "only ever seen idle": that group is an upper
+bound on workers that never ran anything.
 
 Run: .venv/bin/python -m benchmarks.cpu_census [--out benchmarks/out] -- COMMAND [ARGS...]
 """
@@ -31,7 +33,7 @@ _GROUPS = (  # (group, test on the process's name); the first that matches wins
         "AutoscalingCoordinator")) and n.startswith("ray::")),
     ("training loaders", lambda n: n.startswith("ray::SliceLoader")),
     ("Ray Data actor-pool workers", lambda n: n.startswith("ray::MapWorker")),
-    ("Ray workers never given work", lambda n: n in ("ray::IDLE", "ray worker (untitled)")),
+    ("Ray workers only ever seen idle", lambda n: n in ("ray::IDLE", "ray worker (untitled)")),
     ("Ray system processes", lambda n: n in ("raylet", "gcs_server", "log_monitor", "dashboard", "dashboard agent",
                                              "runtime env agent", "autoscaler monitor") or
      n.startswith(("ray::_StatsActor", "ray::DashboardAgent", "ray::RuntimeEnvAgent"))),
