@@ -1,8 +1,8 @@
 """Ray Train + DeepSpeed training of tiny-vit on CPU workers, on generated coloured-shape shards.
 
 The file shares the session's Ray (tests/conftest.py) and keeps its DeepSpeed runs few: one killed-and-
-resumed run (`main_run`) and its uninterrupted twin (`twin_run`) answer the exact-resume, checkpoint-window,
-S3 and export tests together, and the elastic chains continue from the main run's checkpoint. The data set
+resumed run (`main_run`) answers the exact-resume, checkpoint-window, S3 and export tests together (its
+first attempt, killed after saving step 4, is the uninterrupted reference for the resumed one), and the elastic chains continue from the main run's checkpoint. The data set
 holds 48 rows, 3 global batches of 16 per epoch, with crop_scale (1, 1), so each step's loss can be
 compared with a single-process PyTorch run over the same samples.
 """
@@ -257,6 +257,32 @@ class _Exploit:
         return (os.system, ("touch /tmp/pwned_by_checkpoint",))
 
 
+def test_local_runs_go_without_the_preemption_watcher(monkeypatch) -> None:
+    """A local Ray is never drained: run_training turns Ray Train's PreemptionWatcher off for it (the driver's
+    variable, which Ray Train propagates to its controller), keeps it on a joined cluster, keeps a value the
+    user set, and leaves the driver's environment as it was."""
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    from pipelines.core.runtime import RayConfig
+    from pipelines.train.stage import PREEMPTION_WATCHER_ENV, _preemption_watcher
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv(PREEMPTION_WATCHER_ENV, raising=False)
+    with _preemption_watcher(RayConfig()):
+        assert get_env_vars_to_propagate().get(PREEMPTION_WATCHER_ENV) == "0"
+    assert PREEMPTION_WATCHER_ENV not in os.environ
+    for joined in (RayConfig(address="10.0.0.1:6379"), None):
+        if joined is None:
+            monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+        with _preemption_watcher(joined or RayConfig()):
+            assert PREEMPTION_WATCHER_ENV not in get_env_vars_to_propagate()
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setenv(PREEMPTION_WATCHER_ENV, "1")
+    with _preemption_watcher(RayConfig()):
+        assert get_env_vars_to_propagate()[PREEMPTION_WATCHER_ENV] == "1"
+    assert os.environ[PREEMPTION_WATCHER_ENV] == "1"
+
+
 def test_deepspeed_comm_init_skips_the_shm_op() -> None:
     """DeepSpeed's comm backend asks build_shm_op for its shared-memory op (a JIT build, then a load in every
     worker); after skip_shm_comm_op it gets None, so torch.distributed (gloo) does every collective."""
@@ -312,15 +338,6 @@ def main_run(ray_session, s3_server, shards, tmp_path_factory):
     return cfg, hooks, run_training(cfg, hooks)
 
 
-@pytest.fixture(scope="module")
-def twin_run(ray_session, shards, tmp_path_factory, main_run):
-    """The main run's config, uninterrupted, on local storage."""
-    root = tmp_path_factory.mktemp("twin")
-    cfg = dataclasses.replace(main_run[0], storage_path=str(root / "runs"), s3=TrainConfig().s3, max_failures=0)
-    hooks = dumps(root)
-    return cfg, hooks, run_training(cfg, hooks)
-
-
 def test_crash_in_commit_window_resumes_from_the_older_checkpoint(main_run, shards) -> None:
     """keep_checkpoints=1 and rank 0 killed between checkpoint 4's upload and its marker: checkpoint 2
     still exists and the restart resumes there; every step's loss equals a single-process run."""
@@ -335,18 +352,24 @@ def test_crash_in_commit_window_resumes_from_the_older_checkpoint(main_run, shar
     assert all(r["data_wait_ms"] >= 0 and r["samples_per_s"] > 0 for r in h)
 
 
-def test_resumed_run_feeds_the_same_samples_and_ends_on_the_same_weights(main_run, twin_run) -> None:
-    """Killed at step 4 and resumed from 2 (steps 3-4 trained twice), the run fed exactly the samples of
-    its uninterrupted twin at every step, and ends on the same weights and Adam moments."""
-    (_, hooks, _), (_, twin_hooks, _) = main_run, twin_run
-    got, want = step_keys(hooks.keys_dir), step_keys(twin_hooks.keys_dir)
-    assert list(want) == list(range(1, STEPS + 1)) and got == want
-    assert len({k for keys in want.values() for k in keys}) == ROWS  # all of epoch 1 and 2 cover the data
-    saved = torch.load(Path(hooks.debug_dump_dir, f"save_step{STEPS}_ws2.pt"), weights_only=True)
-    twin = torch.load(Path(twin_hooks.debug_dump_dir, f"save_step{STEPS}_ws2.pt"), weights_only=True)
+def test_resumed_run_feeds_the_same_samples_and_ends_on_the_same_weights(main_run, shards) -> None:
+    """Killed at step 4 and resumed from 2 (steps 3-4 trained twice): both attempts fed exactly the samples
+    the plan gives each step, and at step 4 the resumed attempt holds the weights and Adam moments that the
+    first attempt, uninterrupted up to there, had saved."""
+    cfg, hooks, _ = main_run
+    per_attempt = sorted(os.listdir(hooks.keys_dir))
+    assert len(per_attempt) == 4, per_attempt  # 2 ranks x 2 attempts (one file per worker process)
+    got = step_keys(hooks.keys_dir)  # also asserts that a step trained twice saw the same samples both times
+    assert got == plan_keys(cfg, shards, range(1, STEPS + 1))
+    assert len({k for keys in got.values() for k in keys}) == ROWS  # all of epoch 1 and 2 cover the data
+    killed_at = int(Path(hooks.fail_marker).read_text())  # the step whose checkpoint the first attempt died saving
+    resumed = torch.load(Path(hooks.debug_dump_dir, f"save_step{killed_at}_ws2.pt"), weights_only=True)
+    first = torch.load(Path(hooks.debug_dump_dir, f"save_step{killed_at}_ws2.earlier.pt"), weights_only=True)
     for part in ("params", "exp_avg", "exp_avg_sq"):
-        for k, v in twin[part].items():
-            torch.testing.assert_close(saved[part][k], v, msg=f"{part}/{k}")
+        assert set(resumed[part]) == set(first[part]) and first[part], part
+        for k, v in first[part].items():
+            torch.testing.assert_close(resumed[part][k], v, msg=f"{part}/{k}")
+    assert resumed["global_steps"] == first["global_steps"]
 
 
 def test_export_loads_with_openai_layout(main_run, tmp_path) -> None:
@@ -378,7 +401,6 @@ def test_metrics_of_the_crashed_and_resumed_run_are_one_history_everywhere(main_
     assert sorted(want) == list(range(1, STEPS + 1))
     store = Storage.from_uri(f"{cfg.storage_path}/{cfg.run_name}", cfg.s3)
     assert tensorboard_scalars(download(store, "tensorboard", tmp_path)) == pytest.approx(want)
-    # (The twin run logs to the same MLflow experiment and W&B directory, as another run directory.)
     client = MlflowClient(cfg.metrics.mlflow.tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name(cfg.metrics.mlflow.experiment).experiment_id],
                                 filter_string=f"tags.`clip.run_dir` = '{store.uri('')}'")

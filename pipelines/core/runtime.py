@@ -56,6 +56,12 @@ def local_system_config(num_cpus: int) -> dict:
             "num_workers_soft_limit": 2 * num_cpus}
 
 
+def joins_a_cluster(cfg: RayConfig) -> bool:
+    """True when the command joins a running cluster (ray.address or $RAY_ADDRESS), False when it starts or
+    reuses a Ray on this machine."""
+    return bool(cfg.address or os.environ.get("RAY_ADDRESS"))
+
+
 def data_args() -> dict:
     """Extra Ray remote args for every data-stage map: the custom resources of RayConfig.data_resources."""
     return {"resources": dict(_DATA_RESOURCES)} if _DATA_RESOURCES else {}
@@ -79,9 +85,8 @@ def init_ray(cfg: RayConfig) -> None:
         return
     console.attach_ray()  # Ray's start-up messages go to a command's log file too
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ctx = ray.init(address=address, log_to_driver=True)
+    if joins_a_cluster(cfg):
+        ctx = ray.init(address=cfg.address or os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
         num_cpus = cfg.num_cpus or max(4, 2 * (os.cpu_count() or 1))
         # address="local": a new Ray for this command. Without it ray.init joins the newest `ray start` cluster

@@ -201,7 +201,10 @@ def dump_state(engine, hooks: TrainHooks, name: str, rank: int) -> None:
              "lr": [g["lr"] for g in engine.optimizer.param_groups], "global_steps": engine.global_steps}
     if rank == 0:
         os.makedirs(hooks.debug_dump_dir, exist_ok=True)
-        torch.save(state, os.path.join(hooks.debug_dump_dir, f"{name}.pt"))
+        path = os.path.join(hooks.debug_dump_dir, f"{name}.pt")
+        if os.path.exists(path):  # a step redone after a restart: the first attempt's state stays beside it
+            os.replace(path, os.path.join(hooks.debug_dump_dir, f"{name}.earlier.pt"))
+        torch.save(state, path)
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -326,8 +329,9 @@ def _resume(engine_args: dict[str, Any], cfg: TrainConfig, world: int, rank: int
 
 
 def _save(engine, cfg: TrainConfig, hooks: TrainHooks, state: ckpt_io.TrainState, rank: int) -> None:
-    ckpt_io.save(engine, state, run_dir(cfg), rank, cfg.keep_checkpoints, before_commit=_before_commit_hook(hooks))
+    # Dumped first, so that a rank killed inside save (the commit-window hook) has left its state behind.
     dump_state(engine, hooks, f"save_step{state.step}_ws{state.world_size}", rank)
+    ckpt_io.save(engine, state, run_dir(cfg), rank, cfg.keep_checkpoints, before_commit=_before_commit_hook(hooks))
 
 
 def _feeder(cfg: TrainConfig, files: list[str], plan: SamplePlan, rank: int, world: int, start: int,

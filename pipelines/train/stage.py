@@ -15,17 +15,19 @@ does not divide the global batch is an error, never a silently smaller contrasti
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from pipelines.core.cli import run_command
 from pipelines.core.config import to_dict
 from pipelines.core.manifest import Manifest, write_manifest
-from pipelines.core.runtime import init_ray
+from pipelines.core.runtime import RayConfig, init_ray, joins_a_cluster
 from pipelines.core.stage import Stage, Wiring
 from pipelines.core.storage import Storage
 from pipelines.train.config import TrainConfig, run_dir
@@ -96,6 +98,26 @@ def fingerprint_of(cfg: TrainConfig) -> str:
     return fingerprint("train", conf, [shards])
 
 
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
+@contextlib.contextmanager
+def _preemption_watcher(ray_cfg: RayConfig) -> Iterator[None]:
+    """Ray Train starts a PreemptionWatcher actor for every worker group: it polls the cluster for nodes being
+    drained (spot preemption notices from an autoscaler). A Ray on this machine is never drained, so a local
+    run goes without it: one process less per worker-group start (about 2 CPU-seconds each on 2 cores,
+    restarts included). The driver's environment reaches the controller (Ray Train propagates this variable);
+    a value the user set is kept."""
+    if joins_a_cluster(ray_cfg) or PREEMPTION_WATCHER_ENV in os.environ:
+        yield
+        return
+    os.environ[PREEMPTION_WATCHER_ENV] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop(PREEMPTION_WATCHER_ENV, None)
+
+
 def run_training(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
     """Train (or resume) and return the summary that rank 0 wrote next to the export. `hooks` are the
     tests' injection points (a worker that dies once, state dumps); the product never passes them."""
@@ -108,7 +130,8 @@ def run_training(cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str,
     init_ray(cfg.ray)
     start = time.time()
     _, files, rows_per_file = committed_layout(cfg.data.manifest, cfg.data.s3)
-    result = build_trainer(cfg, files, rows_per_file, hooks).fit()
+    with _preemption_watcher(cfg.ray):
+        result = build_trainer(cfg, files, rows_per_file, hooks).fit()
     if result.error is not None:
         raise RuntimeError(f"training run {cfg.run_name} failed: {result.error}") from result.error
     summary = json.loads(run_dir(cfg).read_bytes("summary.json"))
