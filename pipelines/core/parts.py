@@ -175,19 +175,33 @@ def already_committed(storage: Storage, stage: str, fp: str) -> Manifest | None:
 
 
 def run_file_parts(items: list[dict[str, Any]], worker_cls: type, ctor: dict[str, Any],
-                   workers: int | None = None) -> list[PartResult]:
-    """One part per input file: a Ray Data actor pool runs `worker_cls(**ctor)` on batches of one item,
-    each returning {"result": [PartResult.dumps()]}. Only these short strings reach the driver.
-    `workers` = actors at most; None = one per logical CPU of the cluster."""
+                   workers: int | None = None, *, stateful: bool = False) -> list[PartResult]:
+    """One part per input file: `worker_cls(**ctor)` runs on batches of one item, each returning
+    {"result": [PartResult.dumps()]}. Only these short strings reach the driver.
+    `workers` = files in flight at most; None = one per logical CPU of the cluster.
+
+    stateful=False (the worker holds only its arguments): each file is a Ray task that builds the worker for
+    itself. Task workers are processes Ray keeps and reuses, for every stage of a run, so a stage starts no
+    process of its own. stateful=True (the worker loads something costly, a model): an actor pool, which loads
+    it once per actor (a new process each)."""
     import ray
     import ray.data
 
     workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    cap = max(1, min(workers, len(items)))
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    if stateful:
+        mapped = ds.map_batches(worker_cls, batch_size=1, fn_constructor_kwargs=ctor, concurrency=(1, cap),
+                                num_cpus=1, **data_args())
+    else:
+        mapped = ds.map_batches(_run_part, batch_size=1, fn_kwargs={"worker_cls": worker_cls, "ctor": ctor},
+                                concurrency=cap, num_cpus=1, **data_args())
+    return collect_parts(mapped, len(items))
 
-    return collect_parts(ray.data.from_items(items, override_num_blocks=len(items))
-                         .map_batches(worker_cls, batch_size=1, fn_constructor_kwargs=ctor,
-                                      concurrency=(1, max(1, min(workers, len(items)))), num_cpus=1, **data_args()),
-                         len(items))
+
+def _run_part(batch: dict[str, Any], worker_cls: type, ctor: dict[str, Any]) -> dict[str, list]:
+    """A stateless part worker as a Ray task: built for this batch, then called on it."""
+    return worker_cls(**ctor)(batch)
 
 
 def collect_parts(ds: Any, total: int) -> list[PartResult]:

@@ -131,20 +131,13 @@ def _signature(image: bytes | None) -> tuple[int, int]:
         return 0, 1
 
 
-class WriteDrops:
-    """Routes drops to one small Parquet file per input file, under the stage's _work/ (`kind`: "drops" for
-    the plan's, "semantic" for semantic dedup's, which only ever drops rows the plan kept)."""
-
-    def __init__(self, out: Storage, fp: str, kind: str = "drops") -> None:
-        self.out = out
-        self.fp = fp
-        self.kind = kind
-
-    def __call__(self, group: pa.Table) -> pa.Table:
-        idx = int(group.column("file_idx")[0].as_py())
-        path = _drops_path(self.fp, self.kind, idx)
-        self.out.write_parquet(group.select(["key", "reason", "detail"]), path)
-        return pa.table({"file_idx": [idx], "path": [path]})
+def _write_drop_group(group: pa.Table, out: Storage, fp: str, kind: str) -> pa.Table:
+    """Writes one input file's drops to one small Parquet file under the stage's _work/ (`kind`: "drops" for
+    the plan's, "semantic" for semantic dedup's, which only ever drops rows the plan kept). A Ray task."""
+    idx = int(group.column("file_idx")[0].as_py())
+    path = _drops_path(fp, kind, idx)
+    out.write_parquet(group.select(["key", "reason", "detail"]), path)
+    return pa.table({"file_idx": [idx], "path": [path]})
 
 
 def _drops_path(fp: str, kind: str, idx: int) -> str:
@@ -153,9 +146,9 @@ def _drops_path(fp: str, kind: str, idx: int) -> str:
 
 def _write_drops(drops: Any, out: Storage, fp: str, kind: str, drop_files: dict[int, list[str]]) -> None:
     """Writes `drops` per input file and adds each file written to `drop_files` (input file -> its drop files)."""
-    written = drops.groupby("file_idx").map_groups(WriteDrops, batch_format="pyarrow",
-                                                    fn_constructor_kwargs={"out": out, "fp": fp, "kind": kind},
-                                                    concurrency=1, **data_args()).take_all()
+    written = drops.groupby("file_idx").map_groups(_write_drop_group, batch_format="pyarrow",
+                                                    fn_kwargs={"out": out, "fp": fp, "kind": kind},
+                                                    **data_args()).take_all()
     for r in written:
         drop_files.setdefault(int(r["file_idx"]), []).append(r["path"])
 

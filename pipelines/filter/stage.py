@@ -188,8 +188,9 @@ def run(cfg: FilterStageConfig) -> Manifest:
     items = [{"path": p} for p in in_manifest.file_paths()]
     if not items:
         raise ValueError(f"filter input {cfg.input} lists no data files (the crawl or ingest kept no rows)")
+    # An actor pool only when each worker loads a CLIP model for the score rule; otherwise Ray tasks.
     parts = run_file_parts(items, FilterFiles, {"inp": inp, "store": store, "cfg": cfg, "cutoffs": cutoffs},
-                           cfg.workers)
+                           cfg.workers, stateful=bool(cfg.rules.clip_score_checkpoint))
     schema = SAMPLE_SCHEMA
     if cfg.rules.clip_score_checkpoint:
         schema = schema.append(pa.field("clip_score", pa.float32()))
