@@ -52,12 +52,9 @@ def _start_ray() -> None:
     from pipelines.core.runtime import local_system_config
 
     # address="local": never join a `ray start` head that another test (tests/test_run.py) runs beside us.
-    # Idle workers are kept for 10 minutes, not a command's 1: the whole session is one Ray job, so a task
-    # worker that one test started (and that imported pyarrow, Ray Data and the stage) serves the next tests
-    # instead of a new process paying those imports again.
     ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}},
-             _system_config={**local_system_config(6), "idle_worker_killing_time_threshold_ms": 600_000})
+             _system_config=local_system_config(6))
 
 
 @pytest.fixture(scope="session")
