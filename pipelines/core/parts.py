@@ -181,8 +181,8 @@ def run_file_parts(items: list[dict[str, Any]], worker_cls: type, ctor: dict[str
     `workers` = files in flight at most; None = one per logical CPU of the cluster.
 
     stateful=False (the worker holds only its arguments): each file is a Ray task that builds the worker for
-    itself. Task workers are processes Ray keeps and reuses, for every stage of a run, so a stage starts no
-    process of its own. stateful=True (the worker loads something costly, a model): an actor pool, which loads
+    itself. Task workers are processes Ray keeps and reuses across every stage of a run, so a stage needs no
+    processes of its own. stateful=True (the worker loads something costly, a model): an actor pool, which loads
     it once per actor (a new process each)."""
     import ray
     import ray.data

@@ -15,7 +15,7 @@ class TrainHooks:
     #: Rank 0 exits hard between uploading checkpoint N and committing it, once (`fail_marker` again).
     fail_before_commit_at_step: int | None = None
     #: Rank 0 writes full fp32 weights and Adam moments here at every save and load (<name>.pt; a step
-    #: saved again after a restart keeps the first attempt's dump as <name>.earlier.pt).
+    #: saved again after a restart keeps the previous attempt's dump as <name>.earlier.pt).
     debug_dump_dir: str = ""
     #: Every rank appends the sample keys of every step it trains on here (rank<r>_pid<p>.jsonl).
     keys_dir: str = ""

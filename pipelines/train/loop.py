@@ -202,7 +202,7 @@ def dump_state(engine, hooks: TrainHooks, name: str, rank: int) -> None:
     if rank == 0:
         os.makedirs(hooks.debug_dump_dir, exist_ok=True)
         path = os.path.join(hooks.debug_dump_dir, f"{name}.pt")
-        if os.path.exists(path):  # a step redone after a restart: the first attempt's state stays beside it
+        if os.path.exists(path):  # a step redone after a restart: the previous attempt's state stays beside it
             os.replace(path, os.path.join(hooks.debug_dump_dir, f"{name}.earlier.pt"))
         torch.save(state, path)
 
