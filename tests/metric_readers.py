@@ -57,3 +57,10 @@ def wandb_history(run_dir_: Path) -> tuple[str, dict[int, dict]]:
             items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
             history[int(items["_step"])] = items
     return run_id, history
+
+
+def wandb_logs(run_dir_: Path, tail: int = 3000) -> str:
+    """For an assertion message: the offline run's files with their sizes, and the end of W&B's own logs."""
+    files = ", ".join(f"{f.relative_to(run_dir_)} ({f.stat().st_size} B)" for f in sorted(run_dir_.rglob("*")) if f.is_file())
+    logs = "".join(f"\n== {f.name}\n{f.read_text(errors='replace')[-tail:]}" for f in sorted(run_dir_.glob("logs/debug*.log")))
+    return f"files: {files}{logs}"

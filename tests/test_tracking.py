@@ -16,7 +16,7 @@ import pytest
 from pipelines.core.config import ConfigError, load_config
 from pipelines.train.config import MetricsConfig, MlflowConfig, TrainConfig, WandbConfig, run_dir
 from pipelines.train.tracking import MetricSinks, run_key
-from tests.metric_readers import download, tensorboard_scalars, wandb_history
+from tests.metric_readers import download, tensorboard_scalars, wandb_history, wandb_logs
 
 
 def _record(step: int, loss: float) -> dict:
@@ -114,7 +114,12 @@ def test_a_tracker_that_fails_mid_run_does_not_stop_training(sink_config, tmp_pa
     assert set(sinks.errors) == {"mlflow"}
     # The run directory and the other sinks are complete.
     assert len(run_dir(cfg).read_bytes("metrics.jsonl").decode().splitlines()) == 2
-    assert sorted(wandb_history(next((tmp_path / "wandb" / "wandb").glob("offline-run-*")))[1]) == [1, 2]
+    runs = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    offline = runs[0]
+    steps = sorted(wandb_history(offline)[1])
+    # Failed once in a full suite run (steps == []), not reproduced since: the run's own logs say what W&B did.
+    assert steps == [1, 2], wandb_logs(offline)
 
 
 def test_metrics_config_errors_name_the_key() -> None:
