@@ -70,20 +70,6 @@ def ray_session(s3_server: LocalS3) -> Iterator[None]:
     yield
 
 
-# The modules that take a minute or more, longest first (`--durations` in a full run on 2 cores). `make test`
-# runs the suite on two xdist workers that take whole modules in collection order (`--dist loadfile
-# --no-loadscope-reorder`): these go first, so that they run beside the short ones and the suite ends on short
-# modules. Started last, one of them ran alone for minutes while the other worker had nothing left, and the
-# idle waits inside it (a Ray head starting, a lost node being noticed) were wall time no other test could use.
-LONG_MODULES = ("test_run.py", "test_train_elastic.py", "test_train.py", "test_dedup_core.py", "test_crawl.py",
-                "test_dedup.py", "test_crawl_fuzz.py", "test_evaluate.py", "test_ingest.py")
-
-
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONG_MODULES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the others keep their order
-
-
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     import sys
 

@@ -69,8 +69,8 @@ def head(tmp_path_factory):
     temp = tempfile.mkdtemp(prefix="rh_", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     gcs, dash, agent_http, agent_grpc, env_agent, metrics = free_ports(6)
     # Ray 2.60 clusters use token authentication: the head, `ray job` clients and drivers share one token.
-    # The dashboard gets 5 minutes to come up instead of Ray's 60 s: the module starts first in the suite, beside
-    # the other worker's Ray clusters, and on a loaded 2-core machine the head gave up on it after 64 s.
+    # The dashboard gets 5 minutes to come up instead of Ray's 60 s: beside the other worker's Ray clusters, on a
+    # loaded 2-core machine (three xdist workers), the head gave up on it after 64 s.
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300"}
     env.pop("RAY_ADDRESS", None)

@@ -96,8 +96,8 @@ def test_live_elastic_node_lost_and_regained(ray_session, shards, tmp_path, monk
     from tests.conftest import restart_shared_ray
 
     ray.shutdown()
-    # Ray gives the head's dashboard 60 s to start; on a loaded 2-core machine (this module starts first in the
-    # suite, beside other Ray clusters) it can take longer. Read by Ray when it starts the dashboard.
+    # Ray gives the head's dashboard 60 s to start; on a loaded 2-core machine, beside other Ray clusters, it can
+    # take longer (a `ray start --head` gave up after 64 s with three xdist workers). Read when the dashboard starts.
     monkeypatch.setattr(ray._private.ray_constants, "RAY_DASHBOARD_STARTUP_TIMEOUT_S", 300)
     # Health checks every 0.5 s: a removed node is declared dead in ~2 s instead of ~15 s.
     cluster = Cluster(initialize_head=True, head_node_args={
