@@ -1,5 +1,5 @@
-"""Live elastic training: `python -m pipelines.train` on a multi-node local Ray cluster loses a node mid-run
-and gets it back (issue 13, section 1).
+"""Live elastic training: the train command (`pipelines.train.stage.main`, as `python -m pipelines.train` runs
+it) on a multi-node local Ray cluster loses a node mid-run and gets it back (issue 13, section 1).
 
 Its own module, so that pytest-xdist (`--dist loadfile`) can run it beside tests/test_train.py instead of
 after it: each is a few minutes of one worker.
@@ -80,14 +80,15 @@ def _wait_for(what: str, predicate, proc, timeout: float, log: Path):
 # workers: at 1e-3 it fell to ~0.03, where float-order drift between 1- and 2-worker sums reached 17%
 # relative two steps after a correct resume.
 LIVE_LR = 2e-4
+STEP_DELAY_S = 0.5
 
 
 @pytest.mark.timeout(600)
 def test_live_elastic_node_lost_and_regained(ray_session, shards, tmp_path, monkeypatch) -> None:
-    """`python -m pipelines.train` with num_workers [1, 2] on a head + two one-worker nodes: a node is
-    removed mid-run, training goes on with 1 worker from the newest complete checkpoint (universal
-    conversion), a node is added back and the run returns to 2 workers; the global batch never changes
-    and every committed step's loss follows a single-process run of the same schedule (feature-cached
+    """The train command (its main(), paced by a test hook) with num_workers [1, 2] on a head + two one-worker
+    nodes: a node is removed mid-run, training goes on with 1 worker from the newest complete checkpoint
+    (universal conversion), a node is added back and the run returns to 2 workers; the global batch never
+    changes and every committed step's loss follows a single-process run of the same schedule (feature-cached
     accumulation, accum_freq 2, at both sizes)."""
     import ray
     from ray.cluster_utils import Cluster
@@ -131,8 +132,13 @@ def test_live_elastic_node_lost_and_regained(ray_session, shards, tmp_path, monk
         # Right after the node dies Ray still counts its resources for a moment; a start that waits for
         # them gives up after this long (default 60 s) and Ray Train retries with what is there.
         env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "15"
+        # The command's own main() (what `python -m pipelines.train` runs) with one test hook: half a second after
+        # each step. The run trains while Ray notices the lost node and the new one; at full speed it trained
+        # 80-200 steps in those waits (more on a loaded machine), CPU the other tests need.
+        paced = ("import sys\nfrom pipelines.train.hooks import TrainHooks\nfrom pipelines.train.stage import main\n"
+                 f"sys.exit(main(sys.argv[1:], TrainHooks(step_delay_s={STEP_DELAY_S})))")
         with open(log, "w") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "pipelines.train", "--config", str(tmp_path / "live.yaml"),
+            proc = subprocess.Popen([sys.executable, "-c", paced, "--config", str(tmp_path / "live.yaml"),
                                      *readme_keys, "--verbose"], stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         first = _wait_for("a checkpoint by 2 workers", lambda: [s for s in _committed_states(run)
                                                                  if s["world_size"] == 2], proc, 240, log)[-1]

@@ -182,10 +182,12 @@ STAGE = Stage(
     fingerprint=fingerprint_of, run=run, validate=_validate)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hooks: TrainHooks | None = None) -> int:
+    """`python -m pipelines.train`. `hooks`: the tests' injection points, for a test that runs the command as a
+    user does; `python -m` never passes them."""
     def body(cfg: TrainConfig, _: Any) -> None:
         log.info("resolved config: %s", json.dumps(to_dict(cfg), sort_keys=True))
-        s = run(cfg).extra["summary"]
+        s = run(cfg, hooks).extra["summary"]
         loss = f", loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}" if s.get("final_loss") is not None else ""
         print(f"train: {s.get('steps')} steps{loss}, {s.get('driver_wall_s', 0):.0f} s; export {s.get('export')} "
               f"(summary.json and metrics.jsonl beside it)", flush=True)
