@@ -1,6 +1,7 @@
-"""Test-only injection points into the training loop. The product never sets them: the DAG and the CLI
-call run(cfg) without hooks; tests pass a TrainHooks to run()/run_training() to make a worker die once at
-a given step (or inside a checkpoint's commit window) or to dump the full fp32 state after every save and load."""
+"""Test-only injection points into the training loop. The product never sets them: the DAG and `python -m
+pipelines.train` call run(cfg) without hooks; tests pass a TrainHooks to run()/run_training()/main() to make a
+worker die once at a given step (or inside a checkpoint's commit window), to dump the full fp32 state after every
+save and load, or to pace the steps."""
 
 from __future__ import annotations
 
