@@ -21,8 +21,8 @@ class TrainHooks:
     #: Every rank appends the sample keys of every step it trains on here (rank<r>_pid<p>.jsonl).
     keys_dir: str = ""
     #: Sleep after every step. The live-elastic test's run trains while it waits for Ray to notice a lost and an
-    #: added node; at full speed it trained 80-200 steps there, spending CPU the rest of the suite needs and
-    #: stretching the comparison with the single-process reference.
+    #: added node; at full speed it trained 92-114 steps there (run alone), spending CPU the rest of the suite
+    #: needs and stretching the comparison with the single-process reference.
     step_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
