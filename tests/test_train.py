@@ -2,9 +2,10 @@
 
 The file shares the session's Ray (tests/conftest.py) and keeps its DeepSpeed runs few: one killed-and-
 resumed run (`main_run`) answers the exact-resume, checkpoint-window, S3 and export tests together (its
-first attempt, killed after saving step 4, is the uninterrupted reference for the resumed one), and the elastic chains continue from the main run's checkpoint. The data set
-holds 48 rows, 3 global batches of 16 per epoch, with crop_scale (1, 1), so each step's loss can be
-compared with a single-process PyTorch run over the same samples.
+first attempt, killed after saving step 4, is the uninterrupted reference for the resumed one), and the
+elastic chains continue from the main run's checkpoint. The data set holds 48 rows, 3 global batches of 16
+per epoch, with crop_scale (1, 1), so each step's loss can be compared with a single-process PyTorch run over
+the same samples.
 """
 
 from __future__ import annotations

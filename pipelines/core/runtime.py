@@ -56,10 +56,10 @@ def local_system_config(num_cpus: int) -> dict:
             "num_workers_soft_limit": 2 * num_cpus}
 
 
-def joins_a_cluster(cfg: RayConfig) -> bool:
-    """True when the command joins a running cluster (ray.address or $RAY_ADDRESS), False when it starts or
-    reuses a Ray on this machine."""
-    return bool(cfg.address or os.environ.get("RAY_ADDRESS"))
+def cluster_address(cfg: RayConfig) -> str | None:
+    """The running cluster a command joins (ray.address, else $RAY_ADDRESS); None when it starts or reuses a
+    Ray on this machine."""
+    return cfg.address or os.environ.get("RAY_ADDRESS") or None
 
 
 def data_args() -> dict:
@@ -85,8 +85,9 @@ def init_ray(cfg: RayConfig) -> None:
         return
     console.attach_ray()  # Ray's start-up messages go to a command's log file too
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    if joins_a_cluster(cfg):
-        ctx = ray.init(address=cfg.address or os.environ["RAY_ADDRESS"], log_to_driver=True)
+    address = cluster_address(cfg)
+    if address:
+        ctx = ray.init(address=address, log_to_driver=True)
     else:
         num_cpus = cfg.num_cpus or max(4, 2 * (os.cpu_count() or 1))
         # address="local": a new Ray for this command. Without it ray.init joins the newest `ray start` cluster

@@ -27,7 +27,7 @@ from typing import Any
 from pipelines.core.cli import run_command
 from pipelines.core.config import to_dict
 from pipelines.core.manifest import Manifest, write_manifest
-from pipelines.core.runtime import RayConfig, init_ray, joins_a_cluster
+from pipelines.core.runtime import RayConfig, cluster_address, init_ray
 from pipelines.core.stage import Stage, Wiring
 from pipelines.core.storage import Storage
 from pipelines.train.config import TrainConfig, run_dir
@@ -108,7 +108,7 @@ def _preemption_watcher(ray_cfg: RayConfig) -> Iterator[None]:
     run goes without it: one process less per worker-group start (about 2 CPU-seconds each on 2 cores,
     restarts included). The driver's environment reaches the controller (Ray Train propagates this variable);
     a value the user set is kept."""
-    if joins_a_cluster(ray_cfg) or PREEMPTION_WATCHER_ENV in os.environ:
+    if cluster_address(ray_cfg) or PREEMPTION_WATCHER_ENV in os.environ:
         yield
         return
     os.environ[PREEMPTION_WATCHER_ENV] = "0"
