@@ -46,20 +46,27 @@ def restart_shared_ray() -> None:
     _start_ray()
 
 
+# Logical CPUs of every Ray the tests start on this machine (the shared one, test_run's head): what a command's
+# local Ray takes by default on 2 cores (max(4, 2 * cores)). Enough for 2 training workers and their loaders
+# beside data tasks; with 6, each stage ran more processes at once on 2 cores (crawl and evaluate pools size by
+# the cluster's CPUs). tests/test_run.py alone, 6 and 4 in turn, twice: 351/325 -> 290/248 CPU s, 236/216 -> 201/177 s.
+RAY_CPUS = 4
+
+
 def _start_ray() -> None:
     import ray
 
     from pipelines.core.runtime import local_system_config
 
     # address="local": never join a `ray start` head that another test (tests/test_run.py) runs beside us.
-    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}},
-             _system_config=local_system_config(6))
+             _system_config=local_system_config(RAY_CPUS))
 
 
 @pytest.fixture(scope="session")
 def ray_session(s3_server: LocalS3) -> Iterator[None]:
-    """One local Ray (6 logical CPUs) for the whole session, shared by every test that asks for it; started
+    """One local Ray (RAY_CPUS logical CPUs) for the whole session, shared by every test that asks for it; started
     after the S3 server, so its workers inherit the S3 credentials. Stage code finds it running and reuses
     it. A test that needs a cluster of its own (tests/test_cluster_configs.py) calls `restart_shared_ray`
     when it is done."""

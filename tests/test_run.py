@@ -32,6 +32,7 @@ from pipelines.core.storage import Storage
 from pipelines.demo.local_web import LocalWebServer, WebContent
 from pipelines.demo.synthetic import digit_samples, shape_samples
 from pipelines.run.dag import STAGES, Selection, load_run_config, plan
+from tests.conftest import RAY_CPUS
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -77,13 +78,13 @@ def head(tmp_path_factory):
     log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=6",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--num-cpus={RAY_CPUS}",
          # Every agent port explicit: the defaults are fixed numbers (the dashboard agent's 52365), and a Ray
          # started earlier in the same test session (ray.init in the stage tests) already holds them, so this
          # head's agent never comes up and every submission answers "No available agent".
          f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
          f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
-         f"--temp-dir={temp}", "--disable-usage-stats", f"--system-config={json.dumps(local_system_config(6))}"],
+         f"--temp-dir={temp}", "--disable-usage-stats", f"--system-config={json.dumps(local_system_config(RAY_CPUS))}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     try:
