@@ -319,6 +319,23 @@ def test_subprocess_typo_and_help_start_nothing(tmp_path) -> None:
     assert list(tmp_path.iterdir()) == []  # and no log file
 
 
+def test_the_dag_runner_loads_without_torch_or_sklearn() -> None:
+    """`python -m pipelines.run --help`, --dry-run and config errors need the stages' configs, not the evaluate
+    stage's model code: torch, sklearn and matplotlib load only when a stage that uses them runs."""
+    probe = ("import sys, pipelines.run.dag, pipelines.evaluate.jobs; "
+             "print(sorted(m for m in ('torch', 'sklearn', 'matplotlib') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+    # One definition, importable where it was before the split.
+    from pipelines.evaluate.config import EvalConfig, ProbeConfig
+    from pipelines.evaluate.jobs import EvalConfig as JobsEvalConfig
+    from pipelines.evaluate.linear_probe import ProbeConfig as ProbeFromProbe
+    from pipelines.evaluate.stage import EvalConfig as StageEvalConfig
+
+    assert JobsEvalConfig is StageEvalConfig is EvalConfig and ProbeFromProbe is ProbeConfig
+
+
 # ---------------------------------------------------------------------------------------------- console
 
 

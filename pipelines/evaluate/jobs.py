@@ -20,7 +20,7 @@ from pipelines.core.runtime import RayConfig
 from pipelines.core.stage import Stage, Wiring
 from pipelines.core.storage import S3Options, Storage
 from pipelines.evaluate.sets import check_dataset
-from pipelines.evaluate.stage import SINGLE_TEMPLATE, TASKS, EmbeddingCache, EvalConfig, evaluate
+from pipelines.evaluate.config import SINGLE_TEMPLATE, TASKS, EvalConfig
 
 
 @dataclass
@@ -103,6 +103,8 @@ def run(cfg: EvaluateStageConfig) -> Manifest:
     started = time.time()
     fp = fingerprint_of(cfg)
     out = Storage.from_uri(cfg.output, cfg.s3)
+    from pipelines.evaluate.stage import EmbeddingCache, evaluate  # torch: only when the stage runs
+
     files, images, results = [], 0, {}
     cache = EmbeddingCache()
     for job in cfg.jobs:

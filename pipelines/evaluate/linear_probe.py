@@ -13,38 +13,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
-DEFAULT_C_GRID = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
-
-
-@dataclass
-class ProbeConfig:
-    # Share of `dataset` held out as the test split when no separate `probe_train` set is given.
-    test_fraction: float = 0.5
-    # Share of the training rows held out to choose C (never used for the reported test accuracy).
-    val_fraction: float = 0.25
-    # Coarse C grid (log spaced); the search then tries the midpoints next to the best value.
-    c_grid: tuple[float, ...] = DEFAULT_C_GRID
-    # L-BFGS iterations per fit; the paper uses 1000.
-    max_iter: int = 1000
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("test_fraction", "val_fraction"):
-            value = getattr(self, name)
-            if not 0.0 < value < 1.0:
-                raise ValueError(f"linear probe {name} must be in (0, 1), got {value}")
-        if not self.c_grid or any(not (c > 0 and math.isfinite(c)) for c in self.c_grid):
-            raise ValueError(f"linear probe c_grid must be non-empty positive finite values, got {self.c_grid}")
-        if self.max_iter < 1:
-            raise ValueError(f"linear probe max_iter must be >= 1, got {self.max_iter}")
-
+from pipelines.evaluate.config import DEFAULT_C_GRID, ProbeConfig  # noqa: F401 (DEFAULT_C_GRID: importable here too)
 
 def split_indices(labels: np.ndarray, fraction: float, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
     """(keep, held_out) row indices, stratified by label. Callers pass rows already ordered by id."""

@@ -48,84 +48,15 @@ from clip_model.zeroshot import build_classifier, classification_metrics, load_t
 from pipelines.core.cli import run_command
 from pipelines.core.config import to_dict
 from pipelines.evaluate.sets import EvalSet, open_eval_set, read_eval_set
-from pipelines.evaluate.linear_probe import ProbeConfig, linear_probe, split_indices
+from pipelines.evaluate.config import SINGLE_TEMPLATE, TASKS, EvalConfig, ProbeConfig  # noqa: F401 (importable here)
+from pipelines.evaluate.linear_probe import linear_probe, split_indices
 from pipelines.core.checkpoints import local_checkpoint
 from pipelines.core.embedding import ImageEmbedder
 from pipelines.core.manifest import Manifest, read_committed
-from pipelines.core.runtime import RayConfig, data_args, init_ray
-from pipelines.core.storage import S3Options, Storage
+from pipelines.core.runtime import data_args, init_ray
+from pipelines.core.storage import Storage
 
-SINGLE_TEMPLATE = "a photo of a {}."
-TASKS = ("zeroshot", "linear-probe", "retrieval")
 RESULTS_FILE = "results.json"
-
-
-@dataclass
-class EvalConfig:
-    # Exported model directory (model.pt + config.json + tokenizer.json), OpenAI's TorchScript .pt, an open_clip
-    # checkpoint (epoch_N.pt, open_clip_pytorch_model.bin, .safetensors, a hub directory) or a Hugging Face
-    # CLIPModel directory; local or s3:// (see clip_model/formats.py).
-    checkpoint: str
-    # imagefolder:DIR (one subfolder per class) or parquet:PATH (image bytes + label, or + caption).
-    dataset: str
-    # Directory (local or s3://) for results.json, the PNG plots and the _manifest.json that commits them.
-    output: str
-    # quick_gelu or gelu: required for checkpoints that do not record it (open_clip files without their config,
-    # bare state dicts); where the checkpoint records it, a different value is an error. None = as recorded.
-    activation: str | None = None
-    # zeroshot, linear-probe or retrieval (see the module docstring for what each needs).
-    task: str = "zeroshot"
-    # Class-name list (JSON list or one name per line); imagefolder default: folder names, "_" -> " ".
-    classnames: str | None = None
-    # Prompt templates for the ensemble: "openai-imagenet" (the paper's 80), "simple", or a file.
-    templates: str = "openai-imagenet"
-    # The one template scored beside the ensemble (the paper's; a label space of colours may want another).
-    single_template: str = SINGLE_TEMPLATE
-    # A committed stage output with a phash column (e.g. the shard stage): enables overlap analysis.
-    train_manifest: str | None = None
-    # Eval image counts as Overlap when a training phash is within this many bits (dedup's default).
-    overlap_hamming: int = 8
-    # linear-probe: a separate training set (as `dataset`); None = split `dataset` (probe.test_fraction).
-    probe_train: str | None = None
-    # The linear probe's splits and its search for the regularisation strength C (task=linear-probe).
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
-    # Parquet datasets: the column holding the encoded image bytes.
-    image_col: str = "image"
-    # Parquet classification datasets: the column holding the integer label (an index into the class names).
-    label_col: str = "label"
-    # Parquet retrieval datasets: the caption column (a string, or a list of strings per image).
-    caption_col: str = "caption"
-    # Images per inference batch in each actor.
-    batch_size: int = 64
-    # Max embedding actors (1 CPU each); None = cluster CPUs - 1, so read/decode tasks keep a CPU.
-    workers: int | None = None
-    # Connection settings for s3:// checkpoints, datasets, train_manifest and output.
-    s3: S3Options = field(default_factory=S3Options)
-    ray: RayConfig = field(default_factory=RayConfig)
-    # Write confusion-matrix and per-class accuracy PNGs next to results.json (classification tasks).
-    plots: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("checkpoint", "dataset", "output"):
-            if not getattr(self, name):
-                raise ValueError(f"evaluate {name} must be given")
-        if self.activation not in (None, "quick_gelu", "gelu"):
-            raise ValueError(f"evaluate activation must be quick_gelu, gelu or null, got {self.activation!r}")
-        if self.task not in TASKS:
-            raise ValueError(f"evaluate task must be one of {list(TASKS)}, got {self.task!r}")
-        if not 0 <= self.overlap_hamming <= 32:
-            raise ValueError(f"evaluate overlap_hamming must be in [0, 32], got {self.overlap_hamming}")
-        if self.batch_size < 1:
-            raise ValueError(f"evaluate batch_size must be >= 1, got {self.batch_size}")
-        if self.workers is not None and self.workers < 1:
-            raise ValueError(f"evaluate workers must be >= 1, got {self.workers}")
-        if self.single_template.count("{}") != 1:
-            raise ValueError(f"evaluate single_template must hold one '{{}}', got {self.single_template!r}")
-        if self.train_manifest and self.task == "retrieval":
-            raise ValueError("evaluate train_manifest: the overlap analysis reports classification accuracy; "
-                             "use it with task=zeroshot or task=linear-probe")
-        if self.probe_train and self.task != "linear-probe":
-            raise ValueError(f"evaluate probe_train only applies to task=linear-probe, not {self.task}")
 
 
 # ---------------------------------------------------------------- checkpoint and inputs
