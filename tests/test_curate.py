@@ -234,3 +234,10 @@ def test_filter_cap_exempts_rows_without_a_query(tmp_path) -> None:
                                                          "rules.max_per_query=5", "rules.min_image_side=1"]))
     assert m.rejected == {"query_cap": 15} and m.rows_out == 45
     assert m.extra["query_cap_exempt_rows"] == 40
+    # A cap above the input's 60 rows: no query can be over it (the cut-off pass is skipped); the exempt rows
+    # are still counted, by the parts.
+    m = run_filter(load_config(FilterStageConfig, None, [f"input={tmp_path / 'crawl'}",
+                                                         f"output.path={tmp_path / 'filter_60'}",
+                                                         "rules.max_per_query=60", "rules.min_image_side=1"]))
+    assert m.rejected == {} and m.rows_out == 60 and m.extra["queries_capped"] == 0
+    assert m.extra["query_cap_exempt_rows"] == 40

@@ -80,13 +80,14 @@ class PartStore:
         data.pop("fingerprint")
         return PartResult(**data, skipped=True)
 
-    def commit(self, name: str, kept: pa.Table, rejected: pa.Table, rows_in: int) -> PartResult:
+    def commit(self, name: str, kept: pa.Table, rejected: pa.Table, rows_in: int,
+               stats: dict[str, Any] | None = None) -> PartResult:
         files = []
         if kept.num_rows:
             path = f"{name}.parquet"
             size = self.storage.write_parquet(kept, path, row_group_size=self.row_group_size)
             files.append({"path": path, "rows": kept.num_rows, "bytes": size})
-        return self.finish(name, files, kept.num_rows, rejected, rows_in)
+        return self.finish(name, files, kept.num_rows, rejected, rows_in, stats)
 
     def writer(self, name: str, schema: pa.Schema, flush_bytes: int) -> PartWriter:
         """Kept rows streamed to `name.parquet` a row group at a time; `finish` the part after closing it."""

@@ -5,8 +5,9 @@
 Each committed input file is one part: the part keeps its name, writes the rows that pass and the
 rows that do not (with the first rule they failed) and commits. The per-query cap needs all rows
 of a query: a Ray Data groupby over (key, query) finds, for each query over the cap, the largest
-key kept; the parts then apply those cut-offs. Rows without a query (null, "", or no query column at
-all) are exempt from the cap, never one bucket: the manifest counts them (`query_cap_exempt_rows`);
+key kept; the parts then apply those cut-offs. An input of no more rows than the cap has no query over
+it, and skips that pass. Rows without a query (null, "", or no query column at all) are exempt from the
+cap, never one bucket: each part counts them and the manifest sums them (`query_cap_exempt_rows`);
 metadata balancing for such pools is the curate stage's job. A CLIP-score filter runs as an actor pool that
 loads its checkpoint once per actor.
 """
@@ -53,26 +54,22 @@ class FilterStageConfig:
 
 
 def _query_cutoffs(group: pa.Table, cap: int) -> pa.Table:
-    query = group.column("query")[0].as_py()
-    if not query:  # rows without a query: exempt, only counted (one row with an empty cutoff)
-        return pa.table({"query": pa.array([""], pa.string()), "cutoff": pa.array([""], pa.string()),
-                         "rows": pa.array([group.num_rows], pa.int64())})
-    cut = query_cutoffs({query: group.column("key").to_pylist()}, cap)
-    return pa.table({"query": pa.array(list(cut), pa.string()), "cutoff": pa.array(list(cut.values()), pa.string()),
-                     "rows": pa.array([0] * len(cut), pa.int64())})
+    cut = query_cutoffs({group.column("query")[0].as_py(): group.column("key").to_pylist()}, cap)
+    return pa.table({"query": pa.array(list(cut), pa.string()), "cutoff": pa.array(list(cut.values()), pa.string())})
 
 
 def _passing_rules(batch: pa.Table, rules: FilterConfig) -> pa.Table:
     keep = pa.array([not r for r in row_reasons(batch, rules)])
     kept = batch.filter(keep)
-    # null and "" are the same "no query" (a groupby cannot sort None against strings)
-    return pa.table({"key": kept.column("key"), "query": pc.fill_null(kept.column("query"), "")})
+    # Rows without a query (null or "") are exempt from the cap: they never reach the groupby.
+    has_query = pc.fill_null(pc.not_equal(kept.column("query"), ""), False)
+    return pa.table({"key": kept.column("key"), "query": kept.column("query")}).filter(has_query)
 
 
-def compute_query_cutoffs(inp: Storage, manifest: Manifest, rules: FilterConfig) -> tuple[dict[str, str], int]:
+def compute_query_cutoffs(inp: Storage, manifest: Manifest, rules: FilterConfig) -> dict[str, str]:
     """Cut-offs over the rows that pass the caption and image rules (the cap counts rows that would
-    otherwise be kept; the CLIP-score filter, if on, applies after it), and how many passing rows have
-    no query (exempt). Only queries over the cap come back to the driver (one short row each), never the rows."""
+    otherwise be kept; the CLIP-score filter, if on, applies after it). Only queries over the cap come back
+    to the driver (one short row each), never the rows."""
     import ray.data
 
     columns = ["key", "query", "caption", "width", "height", "original_width", "original_height"]
@@ -81,7 +78,7 @@ def compute_query_cutoffs(inp: Storage, manifest: Manifest, rules: FilterConfig)
             .map_batches(_passing_rules, batch_format="pyarrow", fn_kwargs={"rules": rules}, **data_args()))
     rows = keys.groupby("query").map_groups(_query_cutoffs, batch_format="pyarrow",
                                             fn_kwargs={"cap": rules.max_per_query}, **data_args()).take_all()
-    return {r["query"]: r["cutoff"] for r in rows if r["query"]}, sum(r["rows"] for r in rows if not r["query"])
+    return {r["query"]: r["cutoff"] for r in rows}
 
 
 class ClipScorer:
@@ -137,6 +134,10 @@ class FilterFiles:
     def filter_file(self, name: str, path: str) -> PartResult:
         table = self.inp.read_parquet(path)
         reasons = row_reasons(table, self.cfg.rules)
+        stats = {}
+        if self.cfg.rules.max_per_query and "query" in table.column_names:
+            # Rows that pass the rules but have no query: exempt from the cap, counted (the manifest sums them).
+            stats["query_cap_exempt_rows"] = sum(not r and not q for r, q in zip(reasons, table.column("query").to_pylist()))
         if self.cutoffs and "query" in table.column_names:
             over = over_query_cap(table.column("query").to_pylist(), table.column("key").to_pylist(), self.cutoffs)
             reasons = [r or ("query_cap" if o else "") for r, o in zip(reasons, over)]
@@ -154,7 +155,7 @@ class FilterFiles:
         dropped = table.filter(pc.invert(keep))
         dropped_reasons = [r for r in reasons if r]
         rejected = rejected_table(dropped.column("key"), dropped.column("url"), NAME, dropped_reasons)
-        return self.store.commit(name, kept, rejected, table.num_rows)
+        return self.store.commit(name, kept, rejected, table.num_rows, stats)
 
 
 def _prepare(cfg: FilterStageConfig) -> tuple[Storage, Manifest, str]:
@@ -181,8 +182,10 @@ def run(cfg: FilterStageConfig) -> Manifest:
     init_ray(cfg.ray)
     t0 = time.time()
     has_query = not in_manifest.schema or "query" in [f["name"] for f in in_manifest.schema]
-    cutoffs, exempt = (compute_query_cutoffs(inp, in_manifest, cfg.rules) if cfg.rules.max_per_query and has_query
-                       else ({}, None))
+    capped = bool(cfg.rules.max_per_query) and has_query
+    # No query can hold more rows than the whole input: at most `cap` rows in, no cut-offs to compute.
+    cutoffs = (compute_query_cutoffs(inp, in_manifest, cfg.rules)
+               if capped and in_manifest.rows_out > cfg.rules.max_per_query else {})
     t_cap = time.time() - t0
     store = PartStore(out, NAME, fp, cfg.output.row_group_size)
     items = [{"path": p} for p in in_manifest.file_paths()]
@@ -197,7 +200,9 @@ def run(cfg: FilterStageConfig) -> Manifest:
     return finish_stage(out, NAME, fp, parts, schema, to_dict(cfg), started, [cfg.input],
                         extra={"queries_capped": len(cutoffs),
                                # rows passing the rules that have no query: never capped (None: cap off or no column)
-                               "query_cap_exempt_rows": exempt}, timings={"query_cap_s": round(t_cap, 3)})
+                               "query_cap_exempt_rows": (sum(p.stats.get("query_cap_exempt_rows", 0) for p in parts)
+                                                         if capped else None)},
+                        timings={"query_cap_s": round(t_cap, 3)})
 
 
 STAGE = Stage(
