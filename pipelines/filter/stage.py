@@ -158,6 +158,11 @@ class FilterFiles:
         return self.store.commit(name, kept, rejected, table.num_rows, stats)
 
 
+def _exempt_rows(parts: list[PartResult]) -> int | None:
+    counts = [p.stats.get("query_cap_exempt_rows") for p in parts]
+    return None if None in counts else sum(counts)
+
+
 def _prepare(cfg: FilterStageConfig) -> tuple[Storage, Manifest, str]:
     inp, in_manifest = read_committed(cfg.input, cfg.input_s3, "filter.input (the crawl's or ingest's output)",
                                       producer="crawl")
@@ -199,9 +204,9 @@ def run(cfg: FilterStageConfig) -> Manifest:
         schema = schema.append(pa.field("clip_score", pa.float32()))
     return finish_stage(out, NAME, fp, parts, schema, to_dict(cfg), started, [cfg.input],
                         extra={"queries_capped": len(cutoffs),
-                               # rows passing the rules that have no query: never capped (None: cap off or no column)
-                               "query_cap_exempt_rows": (sum(p.stats.get("query_cap_exempt_rows", 0) for p in parts)
-                                                         if capped else None)},
+                               # rows passing the rules that have no query: never capped (None: cap off, no column,
+                               # or a part committed by a version that did not count them)
+                               "query_cap_exempt_rows": _exempt_rows(parts) if capped else None},
                         timings={"query_cap_s": round(t_cap, 3)})
 
 
