@@ -19,7 +19,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
-from pipelines.evaluate.config import DEFAULT_C_GRID, ProbeConfig  # noqa: F401 (DEFAULT_C_GRID: importable here too)
+from pipelines.evaluate.config import ProbeConfig
+
 
 def split_indices(labels: np.ndarray, fraction: float, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
     """(keep, held_out) row indices, stratified by label. Callers pass rows already ordered by id."""

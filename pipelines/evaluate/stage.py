@@ -48,7 +48,7 @@ from clip_model.zeroshot import build_classifier, classification_metrics, load_t
 from pipelines.core.cli import run_command
 from pipelines.core.config import to_dict
 from pipelines.evaluate.sets import EvalSet, open_eval_set, read_eval_set
-from pipelines.evaluate.config import SINGLE_TEMPLATE, TASKS, EvalConfig, ProbeConfig  # noqa: F401 (importable here)
+from pipelines.evaluate.config import SINGLE_TEMPLATE, TASKS, EvalConfig  # noqa: F401 (TASKS: the package's lazy export)
 from pipelines.evaluate.linear_probe import linear_probe, split_indices
 from pipelines.core.checkpoints import local_checkpoint
 from pipelines.core.embedding import ImageEmbedder
