@@ -295,13 +295,48 @@ def test_deepspeed_comm_init_skips_the_shm_op() -> None:
 
 def test_import_deepspeed_leaves_mlflow_unimported_and_importable() -> None:
     """In a fresh process (as a training worker is): DeepSpeed imports without its autotuner pulling mlflow in,
-    and mlflow still imports afterwards for the MLflow sink."""
-    code = ("import sys\nfrom pipelines.train.ds_import import import_deepspeed\n"
+    and mlflow still imports afterwards for the MLflow sink. The Muon module that ZeRO looks up is already
+    imported, with its kernels' torch.compile deferred: TorchDynamo and TorchInductor are not imported, and
+    torch.compile is torch's own again."""
+    code = ("import sys, torch\nreal = torch.compile\nfrom pipelines.train.ds_import import import_deepspeed\n"
             "ds = import_deepspeed()\nassert 'mlflow' not in sys.modules, 'mlflow imported'\n"
             "assert ds.initialize and ds is import_deepspeed()\n"
+            "from deepspeed.runtime.zero.muon import original_muon\n"
+            "assert 'deepspeed.runtime.zero.muon.muon_optimizer' in sys.modules\n"
+            "assert callable(original_muon.zeropower_via_newtonschulz5) and torch.compile is real\n"
+            "loaded = [m for m in sys.modules if m.startswith(('torch._inductor', 'torch._dynamo'))]\n"
+            "assert not loaded, loaded[:5]\n"
             "import mlflow\nassert mlflow.set_tracking_uri\nprint('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.splitlines()[-1] == "ok", r.stderr[-2000:]  # DeepSpeed prints too
+
+
+def test_deferred_compile_compiles_on_the_first_call_only() -> None:
+    """The stand-in for torch.compile that import_deepspeed uses for DeepSpeed's Muon kernels: a decorated
+    function is compiled (with its options) at its first call, once; modules go to the real compile at once."""
+    from pipelines.train.ds_import import deferred_compile
+
+    calls = []
+
+    def fake_compile(model, **options):
+        calls.append((model, options))
+        return lambda *a, **k: ("compiled", model(*a, **k))
+
+    later = deferred_compile(fake_compile)
+
+    @later
+    def double(x):
+        return 2 * x
+
+    @later(dynamic=False)
+    def square(x):
+        return x * x
+
+    assert calls == [] and double.__name__ == "double"
+    assert double(3) == ("compiled", 6) and double(4) == ("compiled", 8) and square(3) == ("compiled", 9)
+    assert [(m.__name__, o) for m, o in calls] == [("double", {}), ("square", {"dynamic": False})]
+    module = torch.nn.Linear(2, 2)
+    assert later(module, mode="default")(torch.ones(1, 2))[0] == "compiled" and calls[-1] == (module, {"mode": "default"})
 
 
 def test_checkpoint_loads_run_no_code(tmp_path) -> None:

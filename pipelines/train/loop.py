@@ -25,6 +25,7 @@ from torch import nn
 from clip_model import CLIP, build_loss, build_model
 from clip_model.model import LOGIT_SCALE_MAX
 from clip_model.optim import adamw
+from pipelines.core.storage import Storage
 from pipelines.train import checkpointing as ckpt_io
 from pipelines.train.config import TrainConfig, run_dir
 from pipelines.train.data import InputSpec, SamplePlan, StepFeeder, load_tokenizer
@@ -286,10 +287,9 @@ def train_step(engine, cfg: TrainConfig, images: torch.Tensor, tokens: torch.Ten
     return feature_cached_step(engine, micro, backward)
 
 
-def _resume_point(cfg: TrainConfig) -> tuple[str | None, ckpt_io.TrainState | None]:
-    """The newest complete checkpoint's name and state (read before the engine exists, so the input
-    can start loading the resume step while DeepSpeed initialises)."""
-    storage = run_dir(cfg)
+def _resume_point(cfg: TrainConfig, storage: Storage) -> tuple[str | None, ckpt_io.TrainState | None]:
+    """The newest complete checkpoint in the run directory `storage`: its name and state (read before the engine
+    exists, so the input can start loading the resume step while DeepSpeed initialises)."""
     name = ckpt_io.newest_complete(storage)
     if name is None:
         return None, None
@@ -301,13 +301,12 @@ def _resume_point(cfg: TrainConfig) -> tuple[str | None, ckpt_io.TrainState | No
 
 
 def _resume(engine_args: dict[str, Any], cfg: TrainConfig, world: int, rank: int, hooks: TrainHooks,
-            name: str | None, state: ckpt_io.TrainState | None):
+            storage: Storage, name: str | None, state: ckpt_io.TrainState | None):
     """Build the engine, loading checkpoint `name` (whose state is `state`) if there is one."""
     if name is None or state is None:
         engine, _ = build_engine(cfg, universal=False, world=world, rank=rank, **engine_args)
         return engine, ckpt_io.TrainState(world_size=world, zero_stage=cfg.zero_stage,
                                           global_batch_size=cfg.global_batch_size)
-    storage = run_dir(cfg)
     # A plain ZeRO checkpoint only loads into the same world size and stage (the latter is untested).
     universal = state.world_size != world or state.zero_stage != cfg.zero_stage
     engine, _ = build_engine(cfg, universal=universal, world=world, rank=rank, **engine_args)
@@ -328,10 +327,10 @@ def _resume(engine_args: dict[str, Any], cfg: TrainConfig, world: int, rank: int
     return engine, state
 
 
-def _save(engine, cfg: TrainConfig, hooks: TrainHooks, state: ckpt_io.TrainState, rank: int) -> None:
+def _save(engine, cfg: TrainConfig, hooks: TrainHooks, storage: Storage, state: ckpt_io.TrainState, rank: int) -> None:
     # Dumped first, so that a rank killed inside save (the commit-window hook) has left its state behind.
     dump_state(engine, hooks, f"save_step{state.step}_ws{state.world_size}", rank)
-    ckpt_io.save(engine, state, run_dir(cfg), rank, cfg.keep_checkpoints, before_commit=_before_commit_hook(hooks))
+    ckpt_io.save(engine, state, storage, rank, cfg.keep_checkpoints, before_commit=_before_commit_hook(hooks))
 
 
 def _feeder(cfg: TrainConfig, files: list[str], plan: SamplePlan, rank: int, world: int, start: int,
@@ -365,11 +364,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                       cfg.data.shuffle_window_rows)
     spe = plan.steps_per_epoch
     total = cfg.max_steps or cfg.epochs * spe
-    name, saved = _resume_point(cfg)
+    # One run directory for the whole loop: on S3 each opening builds a boto3 client (~0.15 s CPU).
+    storage = run_dir(cfg)
+    name, saved = _resume_point(cfg, storage)
     # The loaders start (actor start-up, tokenizer) while DeepSpeed builds the engine.
     feeder = _feeder(cfg, config["files"], plan, rank, world, saved.step if saved else 0, total)
     try:
-        engine, state = _resume({"per_worker": per_worker, "total_steps": total}, cfg, world, rank, hooks, name, saved)
+        engine, state = _resume({"per_worker": per_worker, "total_steps": total}, cfg, world, rank, hooks, storage,
+                                name, saved)
     except BaseException:
         feeder.close()
         raise
@@ -378,7 +380,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     random.seed(cfg.seed + rank + state.step)
     np.random.seed((cfg.seed + rank + state.step) % 2**32)
     state.history = [h for h in state.history if h["step"] <= state.step]
-    sinks = MetricSinks(cfg, state.history, state.config) if rank == 0 else None
+    sinks = MetricSinks(cfg, state.history, state.config, storage) if rank == 0 else None
     progress = Progress(cfg, rank, total, spe, sinks)
     engine.train()
     # One stream from here to the last step, across epochs: nothing restarts at an epoch boundary.
@@ -412,7 +414,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if hooks.step_delay_s:
                 time.sleep(hooks.step_delay_s)
             if state.step % cfg.checkpoint_every == 0 or state.step == total:
-                _save(engine, cfg, hooks, state, rank)
+                _save(engine, cfg, hooks, storage, state, rank)
                 progress.checkpointed(state.history)
     except BaseException:
         if sinks is not None:
@@ -420,18 +422,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         raise
     finally:
         feeder.close()
-    _finish(engine, cfg, state, rank, sinks, startup)
+    _finish(engine, cfg, storage, state, rank, sinks, startup)
 
 
-def _finish(engine, cfg: TrainConfig, state: ckpt_io.TrainState, rank: int, sinks: MetricSinks | None,
-            startup: dict[str, float]) -> None:
+def _finish(engine, cfg: TrainConfig, storage: Storage, state: ckpt_io.TrainState, rank: int,
+            sinks: MetricSinks | None, startup: dict[str, float]) -> None:
     """Export the fp32 weights in OpenAI's layout + tokenizer + config, and the run summary."""
     from clip_model.export import MODEL_FILE, save_export
 
     weights = full_fp32_state(engine)  # collective
     if rank != 0:
         return
-    storage = run_dir(cfg)
     local = tempfile.mkdtemp(prefix="export_")
     hashes = {}
     try:

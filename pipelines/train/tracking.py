@@ -25,6 +25,7 @@ import tempfile
 import time
 from typing import Any
 
+from pipelines.core.storage import Storage
 from pipelines.train.config import MetricsConfig, MlflowConfig, TrainConfig, WandbConfig, run_dir
 
 #: The MLflow tag (and W&B id seed) that identifies a run directory across resumes.
@@ -154,10 +155,12 @@ class MetricSinks:
     """Rank 0's metric outputs. `log` every step; `flush` at checkpoints (copies to the run directory);
     `close` at the end."""
 
-    def __init__(self, cfg: TrainConfig, history: list[dict[str, Any]], config_dict: dict[str, Any]) -> None:
-        """`history`: the metrics of the checkpoint this run resumes from ([] for a new run)."""
+    def __init__(self, cfg: TrainConfig, history: list[dict[str, Any]], config_dict: dict[str, Any],
+                 storage: Storage | None = None) -> None:
+        """`history`: the metrics of the checkpoint this run resumes from ([] for a new run); `storage`: the run
+        directory, when the caller has it open already (default: run_dir(cfg))."""
         resumed_at = history[-1]["step"] if history else 0
-        self.storage = run_dir(cfg)
+        self.storage = storage if storage is not None else run_dir(cfg)
         self.every = cfg.metrics.upload_every
         self.remote = self.storage.uri("").startswith("s3://")
         self.errors: dict[str, str] = {}
