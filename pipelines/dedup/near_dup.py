@@ -12,7 +12,6 @@ from math import comb
 
 import imagehash
 import numpy as np
-from datasketch import MinHash, MinHashLSH
 
 PHASH_BITS = 64
 # imagehash.phash's first bit (our bit 63) compares the DCT's DC term with the median of the 8x8
@@ -240,6 +239,8 @@ def caption_signatures(captions: Sequence[str], num_perm: int, seed: int, shingl
     Empty captions all share one signature (the 'no element' value) and would look identical;
     callers must leave them out of caption matching.
     """
+    from datasketch import MinHash  # see minhash_bands
+
     sets = [caption_shingles(c or "", shingle) for c in captions]
     sigs = MinHash.bulk(sets, num_perm=num_perm, seed=seed)
     return np.stack([m.hashvalues for m in sigs]).astype(np.uint32).reshape(len(sets), num_perm), \
@@ -248,6 +249,10 @@ def caption_signatures(captions: Sequence[str], num_perm: int, seed: int, shingl
 
 def minhash_bands(jaccard: float, num_perm: int) -> tuple[int, int]:
     """(bands, rows per band) that datasketch's MinHashLSH picks for this threshold."""
+    # Imported here: datasketch's package import pulls in scipy.integrate (for these very bands), ~0.45 s of CPU
+    # in every dedup worker that imports this module, and only caption MinHash uses it.
+    from datasketch import MinHashLSH
+
     lsh = MinHashLSH(threshold=jaccard, num_perm=num_perm)
     return lsh.b, lsh.r
 
