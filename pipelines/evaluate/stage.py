@@ -47,9 +47,9 @@ from clip_model.zeroshot import build_classifier, classification_metrics, load_t
 
 from pipelines.core.cli import run_command
 from pipelines.core.config import to_dict
+from pipelines.evaluate.overlap import overlap_mask
 from pipelines.evaluate.sets import EvalSet, open_eval_set, read_eval_set
 from pipelines.evaluate.config import SINGLE_TEMPLATE, TASKS, EvalConfig  # noqa: F401 (TASKS: the package's lazy export)
-from pipelines.evaluate.linear_probe import linear_probe, split_indices
 from pipelines.core.checkpoints import local_checkpoint
 from pipelines.core.embedding import ImageEmbedder
 from pipelines.core.manifest import Manifest, read_committed
@@ -200,6 +200,9 @@ def run_zeroshot(emb: Embedded, model: Any, tokenizer: Any, classnames: list[str
 def run_linear_probe(emb: Embedded, train: Embedded | None, classnames: list[str], cfg: EvalConfig
                      ) -> tuple[dict, torch.Tensor, np.ndarray]:
     """Results, per-test-image correctness, and the indices (into emb) of the test rows."""
+    # Imported here: scikit-learn costs ~1.7 s of CPU to import, and only the driver's probe uses it.
+    from pipelines.evaluate.linear_probe import linear_probe, split_indices
+
     labels = _labels(emb, classnames, cfg.dataset).numpy()
     if train is None:
         train_idx, test_idx = split_indices(labels, cfg.probe.test_fraction, cfg.probe.seed, "train/test")
@@ -252,45 +255,6 @@ def run_retrieval(cfg: EvalConfig, model: Any, tokenizer: Any) -> dict:
 
 
 # ---------------------------------------------------------------- data overlap (paper section 5)
-
-def overlap_mask(train: tuple[Storage, Manifest], phashes: np.ndarray, radius: int) -> np.ndarray:
-    """True for eval images within `radius` bits of some training row's phash."""
-    import ray.data
-
-    from pipelines.dedup.plan import build_eval_index
-
-    st, manifest = train
-    mask = np.zeros(len(phashes), dtype=bool)
-    if not manifest.files or not len(phashes):
-        return mask
-    index = build_eval_index({"eval": [int(h) for h in phashes]})
-    hits = (ray.data.read_parquet(**st.ray_read_args(manifest.file_paths()), ray_remote_args=data_args()).select_columns(["phash"])
-            .map_batches(_drop_null_phash, batch_format="pyarrow", **data_args())
-            .map_batches(_match, batch_format="pyarrow", fn_kwargs={"index": index, "radius": radius}, **data_args())
-            .map_batches(_hit_images, batch_format="pyarrow", **data_args()))
-    for batch in hits.iter_batches(batch_format="numpy", batch_size=None):
-        mask[batch["image"]] = True
-    return mask
-
-
-def _match(batch: pa.Table, index: Any, radius: int) -> pa.Table:
-    """dedup's EvalMatcher as a plain task: Ray Data reuses warm workers for tasks, while an actor
-    pool starts fresh processes; rebuilding the pigeonhole tables of a small eval set per batch is
-    cheaper than that start-up."""
-    from pipelines.dedup.plan import EvalMatcher
-
-    return EvalMatcher(index, radius)(batch)
-
-
-def _drop_null_phash(batch: pa.Table) -> pa.Table:
-    return batch.filter(batch.column("phash").is_valid())
-
-
-def _hit_images(batch: pa.Table) -> pa.Table:
-    """Distinct eval image indices hit in this batch (bounded by the eval set size per batch)."""
-    found = {int(label.rpartition("#")[2]) for labels in batch.column("eval_hits").to_pylist() for label in labels}
-    return pa.table({"image": pa.array(sorted(found), pa.int64())})
-
 
 def overlap_report(correct: torch.Tensor, overlap: np.ndarray, ids: list[str]) -> dict:
     c = correct.numpy().astype(bool)
