@@ -25,12 +25,15 @@ import os
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ftfy
+import numpy as np
 import regex
-import torch
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+
+if TYPE_CHECKING:
+    import torch
 
 SOT = "<start_of_text>"
 EOT = "<end_of_text>"
@@ -303,18 +306,24 @@ class ClipTokenizer:
 
     def __call__(self, texts: str | Iterable[str], context_length: int | None = None) -> torch.Tensor:
         """LongTensor [N, context_length]: sot, tokens, eot, zeros; too long -> cut, last kept as eot."""
+        import torch
+
+        return torch.from_numpy(self.token_array(texts, context_length))
+
+    def token_array(self, texts: str | Iterable[str], context_length: int | None = None) -> np.ndarray:
+        """What calling the tokenizer gives, as an int64 NumPy array (no torch import: data loaders use it)."""
         context_length = self.context_length if context_length is None else context_length
         _check_context_length(context_length)
         texts = _as_text_list(texts)
-        rows = []
-        for ids in self.encode_batch(texts):
+        out = np.zeros((len(texts), context_length), dtype=np.int64)
+        for n, ids in enumerate(self.encode_batch(texts)):
             row = [self.sot_token_id, *ids[: context_length - 2], self.eot_token_id]
-            rows.append(row + [0] * (context_length - len(row)))
-        return torch.tensor(rows, dtype=torch.long).reshape(len(texts), context_length)
+            out[n, :len(row)] = row
+        return out
 
-    def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
+    def decode(self, ids: Iterable[int] | torch.Tensor | np.ndarray) -> str:
         """OpenAI's decode: every word ends in a space; invalid UTF-8 becomes U+FFFD."""
-        if isinstance(ids, torch.Tensor):
+        if hasattr(ids, "reshape") and hasattr(ids, "tolist"):  # a torch tensor or a NumPy array
             ids = ids.reshape(-1).tolist()
         pieces = []
         for i in ids:

@@ -152,6 +152,10 @@ def test_call_matches_open_clip(tok: ClipTokenizer, open_clip_ref, context_lengt
     assert ours.dtype == torch.long and ours.shape == (len(CORPUS), context_length)
     bad = [CORPUS[i] for i in range(len(CORPUS)) if not torch.equal(ours[i], ref[i])]
     assert not bad, bad[:3]
+    # The NumPy form (what the training loaders use, without torch) holds the same ids, and decodes alike.
+    arr = tok.token_array(CORPUS, context_length=context_length)
+    assert arr.dtype == np.int64 and np.array_equal(arr, ref.numpy())
+    assert tok.decode(arr[1]) == tok.decode(ours[1]) == tok.decode(ours[1].tolist())
 
 
 def test_call_matches_openai_sot_eot_layout(tok: ClipTokenizer, openai_ref) -> None:

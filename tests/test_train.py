@@ -311,6 +311,27 @@ def test_import_deepspeed_leaves_mlflow_unimported_and_importable() -> None:
     assert r.returncode == 0 and r.stdout.splitlines()[-1] == "ok", r.stderr[-2000:]  # DeepSpeed prints too
 
 
+def test_a_loader_process_never_imports_torch(shards) -> None:
+    """A training loader (its own Ray actor process) crops, normalises and tokenizes with NumPy: in a fresh
+    process, SliceLoader loads a step's batch, and neither torch nor the model code is imported."""
+    code = f"""
+import json, sys
+from pipelines.train.data import InputSpec, SamplePlan, SliceLoader, committed_layout
+storage, files, rows = committed_layout({shards!r})
+spec = InputSpec(manifest={shards!r}, s3=None, files=tuple(files), image_size=32, context_length=16,
+                 crop_scale=(0.9, 1.0), seed=0)
+batch = SliceLoader(spec, SamplePlan(rows, {GLOBAL_BATCH}, 0, 8, 16)).load(0, 0, 2)
+loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m in ('clip_model.model', 'clip_model.loss'))
+print(json.dumps([list(batch['image'].shape), str(batch['image'].dtype), list(batch['tokens'].shape),
+                  str(batch['tokens'].dtype), loaded[:5]]))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    image_shape, image_dtype, token_shape, token_dtype, loaded = json.loads(r.stdout.splitlines()[-1])
+    assert image_shape == [GLOBAL_BATCH // 2, 3, 32, 32] and image_dtype == "float32"
+    assert token_shape == [GLOBAL_BATCH // 2, 16] and token_dtype == "int64" and loaded == []
+
+
 def test_deferred_compile_compiles_on_the_first_call_only() -> None:
     """The stand-in for torch.compile that import_deepspeed uses for DeepSpeed's Muon kernels: a decorated
     function is compiled (with its options) at its first call, once; modules go to the real compile at once."""

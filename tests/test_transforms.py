@@ -44,6 +44,12 @@ def test_train_transform_is_random_square_crop_and_seedable() -> None:
     assert a.shape == (4, 3, 32, 32)
     assert torch.equal(a, b)  # same seed, same crops
     assert not torch.equal(a[0], a[1])  # different crops within a run
+    # `array` is the same crop sequence as NumPy (the training loaders' form, without torch).
+    t = TrainTransform(32, seed=1)
+    arrays = [t.array(img) for _ in range(4)]
+    assert all(x.dtype == np.float32 and x.flags.c_contiguous for x in arrays)
+    assert np.array_equal(np.stack(arrays), a.numpy())
+    assert np.array_equal(EvalTransform(32).array(img), EvalTransform(32)(img).numpy())
     with pytest.raises(ValueError, match="scale"):
         TrainTransform(32, scale=(0.0, 1.0))
 
