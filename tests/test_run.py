@@ -223,6 +223,15 @@ def test_plan_reuses_and_reruns_by_fingerprint(submitted, data, head):
     assert _committed(root) == before
 
 
+def _training_started(train_dir: Path) -> bool:
+    """The forced train has written into its output directory and not committed it. The directory can vanish
+    between two looks: `--force` removes the old output before the new run writes there."""
+    try:
+        return any(train_dir.iterdir()) and not (train_dir / "_manifest.json").exists()
+    except FileNotFoundError:
+        return False
+
+
 def test_forced_and_killed_run_resumes_to_the_same_committed_outputs(submitted, data, head, tmp_path):
     """One driver forces dedup and train (`--force dedup,train`) and is SIGKILLed once training has started:
     dedup ran again and committed the same files, so curate and shard, downstream of it, were reused. The
@@ -236,7 +245,7 @@ def test_forced_and_killed_run_resumes_to_the_same_committed_outputs(submitted, 
         p = _driver(head, _args(data, root, "--force", "dedup,train"), stdout=out, stderr=subprocess.STDOUT)
         deadline = time.time() + 300
         while time.time() < deadline and p.poll() is None:
-            if train_dir.is_dir() and any(train_dir.iterdir()) and not (train_dir / "_manifest.json").exists():
+            if _training_started(train_dir):
                 break
             time.sleep(0.2)
         assert p.poll() is None, f"the run ended before it could be killed in training:\n{log.read_text()[-5000:]}"
