@@ -15,14 +15,14 @@ TORCH_SPEC ?= torch==2.13.0
 # files up front took 30 s of a fresh `make install-dev`; an import of torch, Ray Data, Ray Train, DeepSpeed and
 # the stage packages from a cold venv compiles 2,841 of them in 9.5 CPU s, once.
 unexport PYTHONDONTWRITEBYTECODE
-PIP_INSTALL := $(BIN)/pip install --no-compile
+PIP_INSTALL := $(BIN)/pip install --quiet --no-compile
 # Everything but torch installs with uv: a fresh clone's `pip install -e '.[dev]'` took 71 + 30 s here, uv 11 s for
 # the same packages and versions. torch stays with pip, which reads the machine's pip configuration (a local CPU
 # wheel, version caps) that uv does not. uv resolves against PyPI, or UV_INDEX_URL / UV_EXTRA_INDEX_URL when set;
 # `make test INSTALLER=pip` installs everything with pip instead.
 INSTALLER ?= uv
 ifeq ($(INSTALLER),uv)
-DEPS_INSTALL := $(BIN)/uv pip install --python $(BIN)/python
+DEPS_INSTALL := $(BIN)/uv pip install --quiet --python $(BIN)/python
 else ifeq ($(INSTALLER),pip)
 DEPS_INSTALL := $(PIP_INSTALL)
 else
@@ -70,8 +70,8 @@ system-deps:
 
 test: $(VENV)/.installed-dev system-deps
 	# Two workers, one test module at a time each (module fixtures run once); each worker has its own shared
-	# Ray and S3 server (tests/conftest.py).
-	$(BIN)/python -m pytest tests -n 2 --dist loadfile --durations=15
+	# Ray and S3 server, and the slowest modules go first (tests/conftest.py).
+	$(BIN)/python -m pytest tests -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 clean:
 	rm -rf $(VENV)
