@@ -284,6 +284,24 @@ def test_local_runs_go_without_the_preemption_watcher(monkeypatch) -> None:
     assert os.environ[PREEMPTION_WATCHER_ENV] == "1"
 
 
+def test_the_trainer_leaves_out_ray_trains_dataset_manager(tmp_path) -> None:
+    """No Ray Datasets pass through our trainer, so it starts no DatasetManager actor per worker group: its
+    callbacks are Ray's defaults without the datasets callback, which Ray's own TorchTrainer does have (the
+    override removes something real). Every training test here runs without it."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    from pipelines.train.stage import build_trainer
+
+    ours = build_trainer(tiny_config(tmp_path, str(tmp_path)), ["a.parquet"], [8])
+    theirs = TorchTrainer(lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=1))
+    kinds = [type(c).__name__ for c in ours._create_default_callbacks()]
+    assert "DatasetsCallback" not in kinds and "PlacementGroupCleanerCallback" in kinds, kinds
+    assert sorted(kinds + ["DatasetsCallback"]) == sorted(type(c).__name__ for c in theirs._create_default_callbacks())
+    assert any(isinstance(c, DatasetsCallback) for c in theirs._create_default_callbacks())
+
+
 def test_deepspeed_comm_init_skips_the_shm_op() -> None:
     """DeepSpeed's comm backend asks build_shm_op for its shared-memory op (a JIT build, then a load in every
     worker); after skip_shm_comm_op it gets None, so torch.distributed (gloo) does every collective."""
