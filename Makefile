@@ -16,7 +16,7 @@ TORCH_SPEC ?= torch==2.13.0
 # the stage packages from a cold venv compiles 2,841 of them in 9.5 CPU s, once.
 unexport PYTHONDONTWRITEBYTECODE
 PIP_INSTALL := $(BIN)/pip install --quiet --no-compile
-# Everything but torch installs with uv: a fresh clone's `pip install -e '.[dev]'` took 71 + 30 s here, uv 11 s for
+# Everything but torch installs with uv: a fresh clone's `pip install -e '.[dev]'` took 71 + 30 s here, uv 8-11 s for
 # the same packages and versions. torch stays with pip, which reads the machine's pip configuration (a local CPU
 # wheel, version caps) that uv does not. uv resolves against PyPI, or UV_INDEX_URL / UV_EXTRA_INDEX_URL when set;
 # `make test INSTALLER=pip` installs everything with pip instead.
