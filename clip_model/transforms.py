@@ -58,21 +58,28 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-@dataclass
-class EvalTransform:
-    image_size: int
+class _ArrayTransform:
+    """A transform whose `array` gives the NumPy values; calling it gives the same values as a torch tensor."""
+
+    def array(self, data: bytes | Image.Image) -> np.ndarray:
+        raise NotImplementedError
 
     def __call__(self, data: bytes | Image.Image) -> torch.Tensor:
         import torch
 
         return torch.from_numpy(self.array(data))
 
+
+@dataclass
+class EvalTransform(_ArrayTransform):
+    image_size: int
+
     def array(self, data: bytes | Image.Image) -> np.ndarray:
         return to_array(center_crop(resize_shorter(load_image(data), self.image_size), self.image_size))
 
 
 @dataclass
-class TrainTransform:
+class TrainTransform(_ArrayTransform):
     """Random square crop covering `scale` of the image area (open_clip's default 0.9-1.0), resized."""
 
     image_size: int
@@ -84,11 +91,6 @@ class TrainTransform:
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"TrainTransform.scale must satisfy 0 < lo <= hi <= 1, got {self.scale}")
         self._rng = random.Random(self.seed)
-
-    def __call__(self, data: bytes | Image.Image) -> torch.Tensor:
-        import torch
-
-        return torch.from_numpy(self.array(data))
 
     def array(self, data: bytes | Image.Image) -> np.ndarray:
         """The next random crop as a float32 3, S, S array (each call draws from the transform's generator)."""
