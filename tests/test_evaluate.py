@@ -120,6 +120,14 @@ def _planted_manifest(root: Path, train_phashes: list[int | None]) -> str:
     return str(root)
 
 
+def _embedding_actors() -> int:
+    """ImageEmbedder actors this Ray has created so far, dead ones included (Ray's GCS actor table: its state
+    API needs a dashboard, which the tests' Ray does not start)."""
+    import ray
+
+    return sum("ImageEmbedder" in a["ActorClassName"] for a in ray._private.state.actors().values())
+
+
 def test_zeroshot_matches_in_process_and_overlap_split(ray_local, work, tiny, folder, templates_file) -> None:
     ckpt, model, tok = tiny
     root, paths, labels = folder
@@ -135,8 +143,18 @@ def test_zeroshot_matches_in_process_and_overlap_split(ray_local, work, tiny, fo
     manifest = _planted_manifest(work / "train_stage", train)
 
     out = work / "zs"
-    res = evaluate(EvalConfig(checkpoint=ckpt, dataset=f"imagefolder:{root}", output=str(out),
+    # local_images=0: a pool of embedding actors, whatever the set's size.
+    before = _embedding_actors()
+    res = evaluate(EvalConfig(checkpoint=ckpt, dataset=f"imagefolder:{root}", output=str(out), local_images=0,
                               templates=templates_file, train_manifest=manifest, workers=2, batch_size=16))
+    pooled = _embedding_actors()
+    assert pooled > before
+    # The default embeds a set this small on the driver, with the model it loaded: no actor, the same results.
+    local = evaluate(EvalConfig(checkpoint=ckpt, dataset=f"imagefolder:{root}", output=str(work / "zs_local"),
+                                templates=templates_file, train_manifest=manifest, batch_size=16, plots=False))
+    assert _embedding_actors() == pooled
+    for key in ("modes", "overlap", "n", "classnames"):
+        assert local[key] == res[key], key
 
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["top1"] == res["top1"] and on_disk["modes"]["ensemble"]["templates"] == 3

@@ -25,7 +25,19 @@ class ImageEmbedder:
     def __init__(self, checkpoint: str, s3: S3Options | None, with_phash: bool, threads: int = 1,
                  activation: str | None = None, what: str = "eval image", flag_undecodable: bool = False) -> None:
         torch.set_num_threads(threads)  # actors share the node's cores; torch would take them all
-        self.model, _ = load_export(local_checkpoint(checkpoint, s3), activation=activation)
+        model, _ = load_export(local_checkpoint(checkpoint, s3), activation=activation)
+        self._setup(model, with_phash, what, flag_undecodable)
+
+    @classmethod
+    def with_model(cls, model: torch.nn.Module, with_phash: bool, what: str = "eval image") -> "ImageEmbedder":
+        """The same embedder on a model this process has already loaded (evaluate's driver, for small sets),
+        with the process's own torch threads."""
+        self = cls.__new__(cls)
+        self._setup(model, with_phash, what, flag_undecodable=False)
+        return self
+
+    def _setup(self, model: torch.nn.Module, with_phash: bool, what: str, flag_undecodable: bool) -> None:
+        self.model = model
         self.transform = EvalTransform(self.model.image_size)
         self.with_phash = with_phash
         self.what = what  # names a row in errors: dedup embeds training rows with it too

@@ -81,6 +81,10 @@ class EvalConfig:
     batch_size: int = 64
     # Max embedding actors (1 CPU each); None = cluster CPUs - 1, so read/decode tasks keep a CPU.
     workers: int | None = None
+    # A set of at most this many images is embedded in this process, with the model it loads for the text side,
+    # instead of by actors that each start and load the checkpoint (about 4 CPU-seconds per actor on a 2-core
+    # machine, for a tiny model: more than embedding a few hundred images); 0 = always the actors.
+    local_images: int = 1024
     # Connection settings for s3:// checkpoints, datasets, train_manifest and output.
     s3: S3Options = field(default_factory=S3Options)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -101,6 +105,8 @@ class EvalConfig:
             raise ValueError(f"evaluate batch_size must be >= 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"evaluate workers must be >= 1, got {self.workers}")
+        if self.local_images < 0:
+            raise ValueError(f"evaluate local_images must be >= 0, got {self.local_images}")
         if self.single_template.count("{}") != 1:
             raise ValueError(f"evaluate single_template must hold one '{{}}', got {self.single_template!r}")
         if self.train_manifest and self.task == "retrieval":

@@ -89,6 +89,22 @@ def _single_parquet_file(path: str, s3: S3Options | None) -> tuple[Storage, list
     return (st, [base]) if st.fs.get_file_info(st.fs_path(base)).type == pafs.FileType.File else None
 
 
+def count_images(es: EvalSet, stop_above: int | None = None) -> int:
+    """Images in the set: its files (imagefolder) or the rows in its Parquet footers. With `stop_above`, footers
+    are read only until the count passes it (a large set is not opened file by file to learn that it is large)."""
+    if es.kind == "imagefolder":
+        return len(es.files)
+    import pyarrow.parquet as pq
+
+    n = 0
+    for f in es.files:
+        with es.storage.open_input(f) as fh:
+            n += pq.ParquetFile(fh).metadata.num_rows
+        if stop_above is not None and n > stop_above:
+            break
+    return n
+
+
 def read_eval_set(es: EvalSet, extra_label_cols: tuple[str, ...] = ()):
     """A Ray Dataset with image, label, id; reading is spread over the cluster. Parquet sets also carry
     `extra_label_cols` (as `label:<col>`, int64, null -> -1): other label spaces of the same images, so one

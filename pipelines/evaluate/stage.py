@@ -6,8 +6,10 @@ paper's data-overlap analysis (section 5).
         [task=zeroshot|linear-probe|retrieval] [train_manifest=DIR] [probe.test_fraction=0.5 ...]
 
 Image embeddings come from Ray Data batch inference (`ImageEmbedder`, a pool of actors that each
-load the checkpoint once); only (id, label, embedding[, phash]) rows reach the driver. The text
-tower runs on the driver: class names x templates are few, captions are small.
+load the checkpoint once); only (id, label, embedding[, phash]) rows reach the driver. A set of at
+most `local_images` images is embedded on the driver instead, by the same ImageEmbedder code with the
+model the driver loads anyway: there an actor's start costs more than the embedding. The text tower
+runs on the driver: class names x templates are few, captions are small.
 
 Tasks and their data:
 - zeroshot: one template (`single_template`, the paper's "a photo of a {}.") and the chosen template
@@ -48,7 +50,7 @@ from clip_model.zeroshot import build_classifier, classification_metrics, load_t
 from pipelines.core.cli import run_command
 from pipelines.core.config import to_dict
 from pipelines.evaluate.overlap import overlap_mask
-from pipelines.evaluate.sets import EvalSet, open_eval_set, read_eval_set
+from pipelines.evaluate.sets import EvalSet, count_images, open_eval_set, read_eval_set
 from pipelines.evaluate.config import SINGLE_TEMPLATE, TASKS, EvalConfig  # noqa: F401 (TASKS: the package's lazy export)
 from pipelines.core.checkpoints import local_checkpoint
 from pipelines.core.embedding import ImageEmbedder
@@ -122,14 +124,22 @@ def _workers(cfg: EvalConfig) -> int:
     return cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
 
 
-def embed(ds: Any, cfg: EvalConfig, with_phash: bool) -> Embedded:
-    from ray.data import ActorPoolStrategy
+def embed(ds: Any, cfg: EvalConfig, with_phash: bool, images: int, model: Any) -> Embedded:
+    """The embeddings of `ds` (image, id, label columns), a set of `images` images. At most cfg.local_images of
+    them are embedded in this process with `model`, the model it loaded for the text side; more by a pool of
+    ImageEmbedder actors that each load the checkpoint. Both paths run the same ImageEmbedder code."""
+    if images <= cfg.local_images:
+        embedder = ImageEmbedder.with_model(model, with_phash)
+        batches = [embedder(b) for b in ds.iter_batches(batch_format="numpy", batch_size=cfg.batch_size)]
+    else:
+        from ray.data import ActorPoolStrategy
 
-    out = ds.map_batches(ImageEmbedder, batch_size=cfg.batch_size, batch_format="numpy",
-                         compute=ActorPoolStrategy(min_size=1, max_size=_workers(cfg)), num_cpus=1,
-                         fn_constructor_kwargs={"checkpoint": cfg.checkpoint, "s3": cfg.s3, "with_phash": with_phash,
-                                                "activation": cfg.activation}, **data_args())
-    batches = list(out.iter_batches(batch_format="numpy", batch_size=None))
+        out = ds.map_batches(ImageEmbedder, batch_size=cfg.batch_size, batch_format="numpy",
+                             compute=ActorPoolStrategy(min_size=1, max_size=_workers(cfg)), num_cpus=1,
+                             fn_constructor_kwargs={"checkpoint": cfg.checkpoint, "s3": cfg.s3,
+                                                    "with_phash": with_phash, "activation": cfg.activation},
+                             **data_args())
+        batches = list(out.iter_batches(batch_format="numpy", batch_size=None))
     if not batches:
         raise ValueError(f"eval set {cfg.dataset}: no images")
     cols = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
@@ -242,7 +252,8 @@ def run_retrieval(cfg: EvalConfig, model: Any, tokenizer: Any) -> dict:
                          "caption": pa.array([json.dumps(c) for c in caps], pa.string())})
 
     ds = ray.data.read_parquet(**es.storage.ray_read_args(es.files), ray_remote_args=data_args()).select_columns([image_col, caption_col])
-    emb = embed(ds.map_batches(rows, batch_format="pyarrow", **data_args()), cfg, with_phash=False)
+    emb = embed(ds.map_batches(rows, batch_format="pyarrow", **data_args()), cfg, with_phash=False,
+                images=count_images(es, cfg.local_images), model=model)
     texts, owner = [], []
     for i, caps in enumerate(emb.columns["caption"]):
         for c in json.loads(caps):
@@ -311,7 +322,8 @@ def fingerprint_of(cfg: EvalConfig, checkpoint: str, train: Manifest | None) -> 
     by content, and the training shards it is checked against."""
     from pipelines.core.manifest import fingerprint
 
-    conf = {k: v for k, v in to_dict(cfg).items() if k not in ("output", "s3", "ray", "workers", "batch_size")}
+    operational = ("output", "s3", "ray", "workers", "batch_size", "local_images")
+    conf = {k: v for k, v in to_dict(cfg).items() if k not in operational}
     for key in ("templates", "classnames"):
         path = getattr(cfg, key)
         if path and os.path.isfile(path):
@@ -363,8 +375,8 @@ def _classification(cfg: EvalConfig, model: Any, tokenizer: Any, classnames: lis
         raise ValueError(f"--probe-train {cfg.probe_train} has classes {train_es.classnames[:5]}... but --dataset "
                          f"{cfg.dataset} has {es.classnames[:5]}...: they must be the same list")
     t0 = time.time()
-    emb = _embedded(es, cfg, cache)
-    train = embed(read_eval_set(train_es), cfg, False) if train_es else None
+    emb = _embedded(es, cfg, cache, model)
+    train = _embed_set(train_es, cfg, False, model) if train_es else None
     timings["embed_s"] = round(time.time() - t0, 3)
     t0 = time.time()
     out: dict[str, Any] = {"n": len(emb.ids), "classnames": es.classnames}
@@ -398,17 +410,21 @@ def _load_model(cfg: EvalConfig, cache: EmbeddingCache | None) -> tuple[str, Any
     return loaded
 
 
-def _embedded(es: EvalSet, cfg: EvalConfig, cache: EmbeddingCache | None) -> Embedded:
+def _embed_set(es: EvalSet, cfg: EvalConfig, with_phash: bool, model: Any, extra: tuple[str, ...] = ()) -> Embedded:
+    return embed(read_eval_set(es, extra), cfg, with_phash, count_images(es, cfg.local_images), model)
+
+
+def _embedded(es: EvalSet, cfg: EvalConfig, cache: EmbeddingCache | None, model: Any) -> Embedded:
     """The eval set's embeddings: from the cache when another job on the same images already ran."""
     with_phash = bool(cfg.train_manifest)
     if cache is None:
-        return embed(read_eval_set(es), cfg, with_phash)
+        return _embed_set(es, cfg, with_phash, model)
     key = (cfg.dataset, cfg.checkpoint, cfg.activation, cfg.image_col, with_phash)
     if key not in cache.entries:
         extra = tuple(cache.label_cols.get(cfg.dataset, ())) if es.kind == "parquet" else ()
         if extra:  # other jobs' label columns: a missing one is named here, not in a Ray task
             _require_columns(es, list(extra), cfg.dataset)
-        cache.entries[key] = embed(read_eval_set(es, extra), cfg, with_phash)
+        cache.entries[key] = _embed_set(es, cfg, with_phash, model, extra)
         cache.passes += 1
     return cache.entries[key].relabelled(cfg.label_col)
 
