@@ -37,6 +37,14 @@ def s3_storage(s3_server: LocalS3, request: pytest.FixtureRequest) -> Storage:
     return Storage.from_uri(s3_server.uri(f"{name}-{uuid.uuid4().hex[:8]}"), s3_server.s3_options())
 
 
+def actors_created(class_part: str) -> int:
+    """Actors this process's Ray has created so far whose class name contains `class_part`, dead ones included
+    (Ray's GCS actor table: its state API needs a dashboard, which the tests' Ray does not start)."""
+    import ray
+
+    return sum(class_part in a["ActorClassName"] for a in ray._private.state.actors().values())
+
+
 def restart_shared_ray() -> None:
     """Bring back the session's shared Ray after a test replaced it with a cluster of its own."""
     import ray

@@ -19,6 +19,7 @@ from pipelines.curate.match import (Matcher, balance, entry_hashes, keep_probabi
                                     mix64_int, naive_match)
 from pipelines.curate.stage import CurateConfig, main, run
 from pipelines.metadata.store import write_metadata
+from tests.conftest import actors_created
 from pipelines.metadata.text import spaced
 
 from .stage_data import commit_rows
@@ -182,9 +183,12 @@ def test_stage_equals_the_reference_for_any_layout_and_worker_count(pool, tmp_pa
 @pytest.mark.usefixtures("ray_session")
 def test_t_infinity_keeps_every_matched_row(pool, tmp_path) -> None:
     cfg = load_config(CurateConfig, None, [f"input={pool['root'] / 'seven'}", f"metadata={pool['meta']}", "t=.inf",
-                                           f"output.path={tmp_path / 'inf'}", "workers=2"])
-    assert cfg.t is None
+                                           f"output.path={tmp_path / 'inf'}"])
+    assert cfg.t is None and cfg.workers is None
+    before = actors_created("MatchFiles")
     m = run(cfg)
+    # workers unset: one matcher per ROWS_PER_WORKER input rows, so one for this small input of several files.
+    assert len(m.file_paths()) > 1 and actors_created("MatchFiles") == before + 1
     matched = {r["key"] for r in pool["rows"] if naive_match(r["caption"], [spaced(e) for e in ENTRIES])}
     kept = set(Storage.from_uri(str(tmp_path / "inf")).read_parquet(m.file_paths(), columns=["key"])
                .column("key").to_pylist())

@@ -34,6 +34,7 @@ from pipelines.core.images import phash_of_encoded
 from pipelines.dedup.near_dup import hamming
 from pipelines.core.storage import Storage
 from pipelines.demo.synthetic import encode, render_shape, shape_samples
+from tests.conftest import actors_created
 
 REPO = Path(__file__).resolve().parents[1]
 # Distinct colours, large shapes, plain backgrounds: a random network's features separate these
@@ -120,14 +121,6 @@ def _planted_manifest(root: Path, train_phashes: list[int | None]) -> str:
     return str(root)
 
 
-def _embedding_actors() -> int:
-    """ImageEmbedder actors this Ray has created so far, dead ones included (Ray's GCS actor table: its state
-    API needs a dashboard, which the tests' Ray does not start)."""
-    import ray
-
-    return sum("ImageEmbedder" in a["ActorClassName"] for a in ray._private.state.actors().values())
-
-
 def test_zeroshot_matches_in_process_and_overlap_split(ray_local, work, tiny, folder, templates_file) -> None:
     ckpt, model, tok = tiny
     root, paths, labels = folder
@@ -144,15 +137,15 @@ def test_zeroshot_matches_in_process_and_overlap_split(ray_local, work, tiny, fo
 
     out = work / "zs"
     # local_images=0: a pool of embedding actors, whatever the set's size.
-    before = _embedding_actors()
+    before = actors_created("ImageEmbedder")
     res = evaluate(EvalConfig(checkpoint=ckpt, dataset=f"imagefolder:{root}", output=str(out), local_images=0,
                               templates=templates_file, train_manifest=manifest, workers=2, batch_size=16))
-    pooled = _embedding_actors()
+    pooled = actors_created("ImageEmbedder")
     assert pooled > before
     # The default embeds a set this small on the driver, with the model it loaded: no actor, the same results.
     local = evaluate(EvalConfig(checkpoint=ckpt, dataset=f"imagefolder:{root}", output=str(work / "zs_local"),
                                 templates=templates_file, train_manifest=manifest, batch_size=16, plots=False))
-    assert _embedding_actors() == pooled
+    assert actors_created("ImageEmbedder") == pooled
     for key in ("modes", "overlap", "n", "classnames"):
         assert local[key] == res[key], key
 
