@@ -20,6 +20,8 @@ from pipelines.dedup.plan import DedupConfig, EvalMatcher, _emit_shuffle_rows, b
 from pipelines.core.images import colour_signature, colour_signature_of_encoded, image_phash, phash_of_encoded
 from pipelines.dedup.near_dup import caption_shingles
 from pipelines.core.schema import sample_key
+from pipelines.dedup import plan as plan_module
+from tests.conftest import actors_created
 
 pytestmark = pytest.mark.slow
 
@@ -207,11 +209,19 @@ def _dataset(rows: list[dict], blocks: int, seed: int) -> ray.data.Dataset:
     return ray.data.from_arrow(pa.Table.from_pylist([rows[i] for i in order])).repartition(blocks)
 
 
-def test_dedup_real_images_recall_reasons_and_decontamination(ray_cluster: None, planted: Planted) -> None:
+def test_dedup_real_images_recall_reasons_and_decontamination(ray_cluster: None, planted: Planted, monkeypatch) -> None:
     cfg = DedupConfig()
     index = build_eval_index(planted.eval_sets)
+    before = actors_created("EvalMatcher")
     dropped_ds = plan_dedup(_dataset(planted.rows, blocks=3, seed=1), cfg, index).materialize()
     dropped = dropped_ds.to_pandas()
+    assert actors_created("EvalMatcher") == before  # a small index: matched in tasks
+    # An index over EVAL_TASK_HASHES goes to a pool of EvalMatcher actors: the same drops.
+    monkeypatch.setattr(plan_module, "EVAL_TASK_HASHES", len(index.hashes) - 1)
+    pooled = plan_dedup(_dataset(planted.rows, blocks=3, seed=1), cfg, index).to_pandas()
+    assert actors_created("EvalMatcher") > before
+    order = lambda df: df.sort_values("key").reset_index(drop=True)  # noqa: E731
+    pandas.testing.assert_frame_equal(order(pooled), order(dropped))
     assert dropped["key"].is_unique
     by_key = dropped.set_index("key")
     keys = {r["key"] for r in planted.rows}

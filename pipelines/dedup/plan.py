@@ -1,6 +1,6 @@
 """The dedup plan as Ray Data transformations: eval decontamination, then one duplicate graph.
 
-    keys ──prepare──> rows ──EvalMatcher (actors, banded eval index)──> eval_overlap drops
+    keys ──prepare──> rows ──EvalMatcher (tasks, or actors for a large banded eval index)──> eval_overlap drops
                               └─ clean rows ──emit──> groupby(part): url / sha256 / phash-equal stars,
                                    phash LSH buckets (+ caption MinHash buckets), verified edges
                                    └─ connected components (components.py)
@@ -108,7 +108,7 @@ class DedupConfig:
     # is not in the fingerprint. The budget is for the whole cluster: scale it with the nodes' spill disks.
     max_shuffle_rows: int = 50_000_000
     max_rounds: int = 40  # connected-components rounds before giving up
-    eval_actors: int = 2  # actors holding the eval index
+    eval_actors: int = 2  # actors holding the eval index (an index of over EVAL_TASK_HASHES images)
     # Ray Data shuffle strategy for this plan only (set on the plan's own DataContext copy; the
     # caller's context is untouched). Hash shuffle starts aggregator actors per groupby: ~20 s
     # each on a loaded 2-core box vs ~1-2 s for the pull-based sort shuffle. None = leave as is.
@@ -253,6 +253,17 @@ class EvalMatcher:
                     .append_column("eval_hits", pa.array(labels, pa.list_(pa.string())))
 
 
+def _match_eval(batch: pa.Table, index: EvalIndex, radius: int, colour_threshold: int | None) -> pa.Table:
+    """EvalMatcher as a Ray Data task: builds the banded tables for its own block (see EVAL_TASK_HASHES)."""
+    return EvalMatcher(index, radius, colour_threshold)(batch)
+
+
+# An eval index of at most this many distinct images is matched by Ray Data tasks that each build its banded
+# tables for their block (100,000 hashes: 0.09 CPU-s here), on task workers that are already running; a larger
+# one by a pool of EvalMatcher actors that build them once each. An actor's start cost 2-3 CPU-s on 2 cores.
+EVAL_TASK_HASHES = 200_000
+
+
 # ---------------------------------------------------------------- the plan
 
 def plan_dedup(keys: ray.data.Dataset, cfg: DedupConfig, eval_index: EvalIndex | None = None) -> ray.data.Dataset:
@@ -273,8 +284,12 @@ def plan_dedup(keys: ray.data.Dataset, cfg: DedupConfig, eval_index: EvalIndex |
         rows.context.shuffle_strategy = cfg.shuffle_strategy  # a copy owned by this plan's lineage
     if eval_index is None:
         return _graph_drops(rows, cfg, n)
-    tagged = rows.map_batches(EvalMatcher, fn_constructor_args=(eval_index, cfg.eval_hamming, cfg.colour_threshold),
-                              batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=cfg.eval_actors), **data_args())
+    matcher_args = (eval_index, cfg.eval_hamming, cfg.colour_threshold)
+    if len(eval_index.hashes) <= EVAL_TASK_HASHES:
+        tagged = rows.map_batches(_match_eval, fn_args=matcher_args, batch_format="pyarrow", **data_args())
+    else:
+        tagged = rows.map_batches(EvalMatcher, fn_constructor_args=matcher_args, batch_format="pyarrow",
+                                  compute=ActorPoolStrategy(min_size=1, max_size=cfg.eval_actors), **data_args())
     tagged = tagged.materialize()
     overlap = tagged.map_batches(_eval_drops, batch_format="pyarrow", **data_args())
     clean = tagged.map_batches(_without_eval_hits, batch_format="pyarrow", **data_args())
