@@ -11,12 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.core.config import load_config
-from pipelines.crawl.stage import CrawlConfig, run
+from pipelines.crawl.stage import ROWS_PER_WORKER, CrawlConfig, run
 from pipelines.demo.local_web import HOSTILE, LocalWebServer, WebContent
 from pipelines.core.manifest import read_manifest
 from pipelines.core.schema import CRAWL_SCHEMA
 from pipelines.core.storage import Storage
 from pipelines.demo.synthetic import shape_samples
+from tests.conftest import actors_created
 
 # One shared local Ray for the session (tests/conftest.py), started after the S3 server.
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -78,7 +79,10 @@ def test_crawl_hostile_cases_each_get_their_reason(web, tmp_path) -> None:
                     "query": ["x"]})
     pq.write_table(pa.concat_tables([pq.read_table(src).cast(bad.schema), bad]), src)
     out = str(tmp_path / "crawl")
+    before = actors_created("CrawlWorker")
     m = run(crawl_config([src], out))
+    # workers unset: one crawler actor per ROWS_PER_WORKER list rows, however many parts they make.
+    assert len(m.files) > 1 and m.rows_in < ROWS_PER_WORKER and actors_created("CrawlWorker") == before + 1
     assert m.rows_in == len(rows) + 1
     assert m.rows_out == N_IMAGES  # every good image, once
     assert m.rows_in == m.rows_out + sum(m.rejected.values())

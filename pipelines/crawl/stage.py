@@ -69,7 +69,7 @@ class CrawlConfig:
     rows_per_part: int = 2000
     # Concurrent rows (fetch + decode) inside one crawler actor.
     threads_per_worker: int = 32
-    # Crawler actors; None = one per two logical CPUs of the cluster.
+    # Crawler actors; None = one per ROWS_PER_WORKER rows of the URL lists, at most one per two logical CPUs.
     workers: int | None = None
     # Bytes one crawler actor may hold at once: response bodies, decoded pixels and the part's write buffer.
     # Must hold one body of fetch.max_bytes plus one decode of image.max_pixels (8 bytes per pixel).
@@ -366,13 +366,13 @@ def run(cfg: CrawlConfig) -> Manifest:
 
     args = ray_arguments(cfg, fp)
     store = args["store"]
-    workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
     plan = committed_plan(store)
     if plan is None:
         plan = start_plan(cfg, store, files).result()
         plan.commit(store)
     if not plan.parts:
         raise ValueError(f"URL lists {cfg.input.paths} hold no rows")
+    workers = cfg.workers or _auto_workers(sum(rows for _, rows in plan.parts))
     items = plan.descriptors()
     # One block per part, so that the actor pool hands parts out one at a time.
     parts = collect_parts(ray.data.from_items(items, override_num_blocks=len(items))
@@ -384,6 +384,18 @@ def run(cfg: CrawlConfig) -> Manifest:
         console.progress(note=f"{reused} parts reused from an earlier run")
     return finish_stage(out, NAME, fp, parts, CRAWL_SCHEMA, to_dict(cfg), started, cfg.input.paths,
                         extra={"attempt": 1, "memory": _memory_summary(cfg, parts)})
+
+
+# URL-list rows per crawler actor when `workers` is unset (the default part size). An actor's start (a process, its
+# imports, the decoders' warm-up) took 2-3 CPU-s on a 2-core machine, what decoding ~1,000 ordinary photos costs
+# (2.6-3.1 ms each): a list of a few hundred rows gained nothing from a second actor.
+ROWS_PER_WORKER = 2000
+
+
+def _auto_workers(rows: int) -> int:
+    import ray
+
+    return max(1, min(int(ray.cluster_resources().get("CPU", 2)) // 2, -(-rows // ROWS_PER_WORKER)))
 
 
 def _memory_summary(cfg: CrawlConfig, parts: list[PartResult]) -> dict[str, Any]:
@@ -417,7 +429,7 @@ def _retry_failed(cfg: CrawlConfig, out: Storage, fp: str, started: float) -> Ma
     for entry in previous.extra.get("rejected_files", []):
         base = os.path.basename(entry["path"]).split(".", 1)[0]
         items.append({"part": f"{base}.r{attempt}", "retry_of": entry["path"]})
-    workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
+    workers = cfg.workers or _auto_workers(sum(e["rows"] for e in previous.extra.get("rejected_files", [])))
     retried: list[PartResult] = []
     if items:
         retried = collect_parts(ray.data.from_items(items, override_num_blocks=len(items))
