@@ -253,6 +253,28 @@ def test_loader_reads_the_plans_rows_and_augments_per_sample(shards) -> None:
     assert not np.array_equal(batch["image"][list(batch["key"]).index(first)], whole["image"][0])
 
 
+def test_a_loader_on_the_workers_thread_hands_over_the_plans_batches_in_order(shards) -> None:
+    """data.loaders_per_worker=0: the feeder runs one SliceLoader on a thread instead of loader actors, and hands
+    over, step by step, exactly what a loader computes for this rank's slice."""
+    from pipelines.train.data import InputSpec, SliceLoader, StepFeeder
+
+    cfg = tiny_config(Path("/unused"), shards)
+    _, files, rows = committed_layout(shards)
+    plan = SamplePlan(rows, GLOBAL_BATCH, 0, cfg.data.chunk_rows, cfg.data.shuffle_window_rows)
+    spec = InputSpec(manifest=shards, s3=cfg.data.s3, files=tuple(files), image_size=32, context_length=32,
+                     crop_scale=(0.5, 1.0), seed=0)
+    feeder = StepFeeder(spec, plan, rank=1, world=2, start=3, stop=9, loaders=0, cpus=1.0, prefetch=3)
+    got = list(feeder)
+    feeder.close()
+    assert feeder.actors == [] and [int(b["step"]) for b in got] == list(range(3, 9))
+    reference = SliceLoader(spec, plan)
+    for b in got:
+        want = reference.load(int(b["step"]), 1, 2)
+        assert list(b["key"]) == list(want["key"])
+        np.testing.assert_array_equal(b["image"], want["image"])
+        np.testing.assert_array_equal(b["tokens"], want["tokens"])
+
+
 class _Exploit:
     def __reduce__(self):
         return (os.system, ("touch /tmp/pwned_by_checkpoint",))

@@ -144,7 +144,7 @@ def test_live_elastic_node_lost_and_regained(ray_session, shards, tmp_path, monk
             "num_workers": [1, 2], "cpus_per_worker": 1, "worker_resources": {"train_slot": 1}, "max_failures": 4,
             "resize_check_s": 1, "log_every": 1,
             "data": {"manifest": shards, "crop_scale": [1.0, 1.0], "chunk_rows": 8, "shuffle_window_rows": 16,
-                     "loader_num_cpus": 0.5, "prefetch_steps": 2},
+                     "loaders_per_worker": 0, "prefetch_steps": 2},
             "ray": {"address": cluster.address, "data_resources": {"data_node": 0.001}},
         }
         (tmp_path / "live.yaml").write_text(json.dumps(config))  # JSON is YAML

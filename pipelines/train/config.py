@@ -52,7 +52,8 @@ class TrainDataConfig:
     # Rows shuffled together: an epoch cuts its chunk order into windows of this many rows and permutes
     # the rows inside each. Larger mixes better; each loader caches what it reads of a window.
     shuffle_window_rows: int = 16384
-    # Loader actors (read + decode + augment + tokenise) per training worker, and the CPUs each holds.
+    # Loader actors (read + decode + augment + tokenise) per training worker, and the CPUs each holds. 0 = one
+    # loader on a thread of the training worker (no actor to start; for CPU runs where decode keeps up).
     loaders_per_worker: int = 1
     loader_num_cpus: float = 1.0
     # Steps each training worker has in flight (being loaded or ready) ahead of the one it trains on.
@@ -64,8 +65,8 @@ class TrainDataConfig:
             raise ValueError(f"data.crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
         if self.chunk_rows < 1 or self.shuffle_window_rows < self.chunk_rows:
             raise ValueError("data.chunk_rows must be >= 1 and data.shuffle_window_rows >= data.chunk_rows")
-        if self.loaders_per_worker < 1 or self.loader_num_cpus <= 0 or self.prefetch_steps < 1:
-            raise ValueError("data.loaders_per_worker >= 1, data.loader_num_cpus > 0 and data.prefetch_steps >= 1 "
+        if self.loaders_per_worker < 0 or self.loader_num_cpus <= 0 or self.prefetch_steps < 1:
+            raise ValueError("data.loaders_per_worker >= 0, data.loader_num_cpus > 0 and data.prefetch_steps >= 1 "
                              "are required")
 
 

@@ -245,15 +245,25 @@ class SliceLoader:
 
 class StepFeeder:
     """One worker's input from `start` to `stop`: `prefetch` steps in flight on `loaders` actors, handed
-    over in step order. The actors belong to this worker (they die with it, e.g. on a resize)."""
+    over in step order. The actors belong to this worker (they die with it, e.g. on a resize). With
+    `loaders` 0 one SliceLoader runs on a thread of the worker itself: no process to start per worker (2-3
+    CPU-s each on a 2-core machine), for CPU runs whose decode keeps up beside the step."""
 
     def __init__(self, spec: InputSpec, plan: SamplePlan, rank: int, world: int, start: int, stop: int,
                  loaders: int, cpus: float, prefetch: int, resources: dict[str, float] | None = None) -> None:
         import ray
 
-        actor = ray.remote(SliceLoader).options(num_cpus=cpus, resources=resources or {},
-                                                scheduling_strategy="SPREAD" if loaders > 1 else "DEFAULT")
-        self.actors = [actor.remote(spec, plan) for _ in range(loaders)]
+        if loaders == 0:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.thread = ThreadPoolExecutor(1, thread_name_prefix="slice-loader")
+            self.actors = []
+            self.local = SliceLoader(spec, plan)
+        else:
+            actor = ray.remote(SliceLoader).options(num_cpus=cpus, resources=resources or {},
+                                                    scheduling_strategy="SPREAD" if loaders > 1 else "DEFAULT")
+            self.thread, self.local = None, None
+            self.actors = [actor.remote(spec, plan) for _ in range(loaders)]
         self.rank, self.world, self.next_step, self.stop = rank, world, start, stop
         self.prefetch = max(1, prefetch)
         self.pending: collections.deque = collections.deque()
@@ -261,18 +271,22 @@ class StepFeeder:
 
     def _fill(self) -> None:
         while len(self.pending) < self.prefetch and self.next_step < self.stop:
-            # Consecutive steps share windows and so chunks: keep runs of steps on one actor.
-            actor = self.actors[(self.next_step // 4) % len(self.actors)]
-            self.pending.append((self.next_step, actor.load.remote(self.next_step, self.rank, self.world)))
+            if self.thread is not None:
+                job = self.thread.submit(self.local.load, self.next_step, self.rank, self.world)
+            else:
+                # Consecutive steps share windows and so chunks: keep runs of steps on one actor.
+                actor = self.actors[(self.next_step // 4) % len(self.actors)]
+                job = actor.load.remote(self.next_step, self.rank, self.world)
+            self.pending.append((self.next_step, job))
             self.next_step += 1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         import ray
 
         while self.pending:
-            step, ref = self.pending.popleft()
+            step, job = self.pending.popleft()
             self._fill()
-            batch = ray.get(ref)
+            batch = job.result() if self.thread is not None else ray.get(job)
             assert int(batch["step"]) == step, (int(batch["step"]), step)
             yield batch
 
@@ -281,4 +295,6 @@ class StepFeeder:
 
         for a in self.actors:
             ray.kill(a)
+        if self.thread is not None:
+            self.thread.shutdown(wait=False, cancel_futures=True)
         self.actors, self.pending = [], collections.deque()
