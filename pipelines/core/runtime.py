@@ -62,6 +62,16 @@ def cluster_address(cfg: RayConfig) -> str | None:
     return cfg.address or os.environ.get("RAY_ADDRESS") or None
 
 
+def actors_for(rows: int, rows_per_actor: int, cpus_per_actor: int = 1) -> int:
+    """How many actors a stage starts when its `workers` is unset: one per `rows_per_actor` input rows, at most
+    one per `cpus_per_actor` of the cluster's logical CPUs, at least one. An actor's start (a process, its
+    imports, its state) cost 2-3 CPU-s on a 2-core machine: a small input should not pay for actors it cannot use."""
+    import ray
+
+    cap = int(ray.cluster_resources().get("CPU", 1)) // cpus_per_actor
+    return max(1, min(cap, -(-rows // rows_per_actor)))
+
+
 def data_args() -> dict:
     """Extra Ray remote args for every data-stage map: the custom resources of RayConfig.data_resources."""
     return {"resources": dict(_DATA_RESOURCES)} if _DATA_RESOURCES else {}

@@ -47,7 +47,7 @@ from pipelines.core.schema import CRAWL_SCHEMA, rejected_table
 from pipelines.core.stage import Stage, Wiring
 from pipelines.core import console
 from pipelines.core.parts import OutputConfig, PartResult, PartStore, already_committed, collect_parts, finish_stage
-from pipelines.core.runtime import RayConfig, data_args, init_ray
+from pipelines.core.runtime import RayConfig, actors_for, data_args, init_ray
 from pipelines.core.storage import S3Options, Storage
 from pipelines.crawl.plan import PLAN_DIR, committed_plan, start_plan, todo_path
 from pipelines.crawl.lists import InputConfig, check_columns, detect_format
@@ -372,7 +372,7 @@ def run(cfg: CrawlConfig) -> Manifest:
         plan.commit(store)
     if not plan.parts:
         raise ValueError(f"URL lists {cfg.input.paths} hold no rows")
-    workers = cfg.workers or _auto_workers(sum(rows for _, rows in plan.parts))
+    workers = cfg.workers or actors_for(sum(rows for _, rows in plan.parts), ROWS_PER_WORKER, cpus_per_actor=2)
     items = plan.descriptors()
     # One block per part, so that the actor pool hands parts out one at a time.
     parts = collect_parts(ray.data.from_items(items, override_num_blocks=len(items))
@@ -390,12 +390,6 @@ def run(cfg: CrawlConfig) -> Manifest:
 # imports, the decoders' warm-up) took 2-3 CPU-s on a 2-core machine, what decoding ~1,000 ordinary photos costs
 # (2.6-3.1 ms each): a list of a few hundred rows gained nothing from a second actor.
 ROWS_PER_WORKER = 2000
-
-
-def _auto_workers(rows: int) -> int:
-    import ray
-
-    return max(1, min(int(ray.cluster_resources().get("CPU", 2)) // 2, -(-rows // ROWS_PER_WORKER)))
 
 
 def _memory_summary(cfg: CrawlConfig, parts: list[PartResult]) -> dict[str, Any]:
@@ -429,7 +423,8 @@ def _retry_failed(cfg: CrawlConfig, out: Storage, fp: str, started: float) -> Ma
     for entry in previous.extra.get("rejected_files", []):
         base = os.path.basename(entry["path"]).split(".", 1)[0]
         items.append({"part": f"{base}.r{attempt}", "retry_of": entry["path"]})
-    workers = cfg.workers or _auto_workers(sum(e["rows"] for e in previous.extra.get("rejected_files", [])))
+    workers = cfg.workers or actors_for(sum(e["rows"] for e in previous.extra.get("rejected_files", [])),
+                                        ROWS_PER_WORKER, cpus_per_actor=2)
     retried: list[PartResult] = []
     if items:
         retried = collect_parts(ray.data.from_items(items, override_num_blocks=len(items))

@@ -39,7 +39,7 @@ from pipelines.core.cli import run_command
 from pipelines.core.config import to_dict
 from pipelines.core.manifest import Manifest, fingerprint, read_committed
 from pipelines.core.parts import OutputConfig, PartResult, PartStore, already_committed, collect_parts, finish_stage
-from pipelines.core.runtime import RayConfig, data_args, init_ray
+from pipelines.core.runtime import RayConfig, actors_for, data_args, init_ray
 from pipelines.core.schema import rejected_table
 from pipelines.core.stage import DATA_STAGE_WIRED, Stage, wire_data_stage
 from pipelines.core.storage import S3Options, Storage
@@ -221,8 +221,7 @@ def run(cfg: CurateConfig) -> Manifest:
     import ray
     import ray.data
 
-    auto = min(int(ray.cluster_resources().get("CPU", 1)), -(-in_manifest.rows_out // ROWS_PER_WORKER))
-    workers = max(1, min(cfg.workers or auto, len(files)))
+    workers = max(1, min(cfg.workers or actors_for(in_manifest.rows_out, ROWS_PER_WORKER), len(files)))
     work = f"_work/{fp[:8]}"
     items = [{"idx": i, "path": f} for i, f in enumerate(files)]
     timings = {}
