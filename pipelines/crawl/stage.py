@@ -69,7 +69,7 @@ class CrawlConfig:
     rows_per_part: int = 2000
     # Concurrent rows (fetch + decode) inside one crawler actor.
     threads_per_worker: int = 32
-    # Crawler actors; None = one per ROWS_PER_WORKER rows of the URL lists, at most one per two logical CPUs.
+    # Crawler actors; None = one per 2,000 rows of the URL lists (ROWS_PER_WORKER), at most one per two logical CPUs.
     workers: int | None = None
     # Bytes one crawler actor may hold at once: response bodies, decoded pixels and the part's write buffer.
     # Must hold one body of fetch.max_bytes plus one decode of image.max_pixels (8 bytes per pixel).

@@ -66,7 +66,7 @@ class CurateConfig:
     # Seed of the balancing draw: another seed, another (equally balanced) sample.
     seed: int = 0
     ray: RayConfig = field(default_factory=RayConfig)
-    # Parallel file workers (each holds one automaton); None = one per ROWS_PER_WORKER input rows, at most
+    # Parallel file workers (each holds one automaton); None = one per 100,000 input rows (ROWS_PER_WORKER), at most
     # the cluster's logical CPUs.
     workers: int | None = None
 
