@@ -70,8 +70,9 @@ system-deps:
 
 test: $(VENV)/.installed-dev system-deps
 	# Two workers, one test module at a time each (module fixtures run once); each worker has its own shared
-	# Ray and S3 server (tests/conftest.py).
-	$(BIN)/python -m pytest tests -n 2 --dist loadfile --durations=15
+	# Ray and S3 server (tests/conftest.py), which also orders the modules heaviest first; --no-loadscope-reorder
+	# keeps that order (xdist's default puts the modules with most tests first).
+	$(BIN)/python -m pytest tests -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 clean:
 	rm -rf $(VENV)
