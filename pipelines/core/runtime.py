@@ -47,13 +47,18 @@ def local_system_config(num_cpus: int) -> dict:
     """Ray's system settings for a Ray this project starts on one machine (a command's local Ray, the tests').
 
     Metrics export off: nothing scrapes it on a laptop, and its exporter thread has crashed workers at
-    shutdown (ray-project/ray#36885). Idle workers kept for a minute, up to two per logical CPU: by default
-    Ray kills an idle worker after 1 s once the workers (actors' included) outnumber the CPUs, so after each
-    actor pool every stage of a DAG started its task workers again. Measured on 2 cores, the same 148-row
-    dedup run twice: its 12-image eval index took 7.6 s the second time (new workers importing the stage),
-    0.4 s with workers kept; the whole stage 22.8 -> 12.9 s. An idle worker holds ~150 MB."""
+    shutdown (ray-project/ray#36885). An idle worker is kept for a minute, then stopped. Ray stops idle workers
+    only while the workers (actors' included) outnumber `num_workers_soft_limit`, by default the logical CPUs,
+    after `idle_worker_killing_time_threshold_ms`, by default 1 s: so after each actor pool every stage of a DAG
+    started its task workers again, and up to one idle worker per CPU stayed for the Ray's whole life. Measured
+    on 2 cores, the same 148-row dedup run twice: its 12-image eval index took 7.6 s the second time (new workers
+    importing the stage), 0.4 s with workers kept; the whole stage 22.8 -> 12.9 s. A kept idle worker holds
+    ~150 MB and burns 0.5 CPU s a minute, nearly all on its main thread: with the soft limit at two per CPU, 8
+    tasks on a 4-CPU Ray left 7 idle workers that were still there 80 s later (and would have stayed for the
+    Ray's life, the tests' session Rays included); with 0, every worker idle for a minute goes, and one that was
+    busy in the last minute is reused."""
     return {"enable_metrics_collection": False, "idle_worker_killing_time_threshold_ms": 60_000,
-            "num_workers_soft_limit": 2 * num_cpus}
+            "num_workers_soft_limit": 0}
 
 
 def cluster_address(cfg: RayConfig) -> str | None:
