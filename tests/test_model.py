@@ -1,4 +1,7 @@
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,6 +237,53 @@ def test_adamw_is_fused_and_matches_the_per_tensor_update() -> None:
         mine, theirs = a - before[name], ref.state_dict()[name] - before[name]
         assert theirs.norm() > 0, name
         assert (mine - theirs).norm() <= 1e-2 * theirs.norm(), (name, float((mine - theirs).norm() / theirs.norm()))
+
+
+_NO_DYNAMO_CHILD = r"""
+import sys, torch
+from clip_model import build_model, get_config
+from clip_model.optim import adamw, param_groups
+torch.set_num_threads(1)
+
+def train(make_opt):
+    torch.manual_seed(0)
+    model = build_model(get_config("tiny-vit"))
+    opt = make_opt(model)
+    steps = []
+    opt.register_step_post_hook(lambda o, args, kwargs: steps.append(1))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    images, tokens = torch.randn(4, 3, 32, 32), torch.randint(1, 100, (4, 16))
+    for _ in range(3):
+        img, txt, scale = model(images, tokens)
+        opt.zero_grad()
+        (img @ txt.T * scale).logsumexp(1).mean().backward()
+        opt.step()
+        sched.step()
+    again = make_opt(model)
+    again.load_state_dict(opt.state_dict())
+    return model.state_dict(), again.state_dict(), len(steps)
+
+ours = train(lambda m: adamw(m, 1e-3, 0.2))
+loaded = "torch._dynamo" in sys.modules
+ref = train(lambda m: torch.optim.AdamW(param_groups(m, 0.2), lr=1e-3, betas=(0.9, 0.98), eps=1e-6, fused=True))
+assert "torch._dynamo" in sys.modules  # torch's own optimizer imports it: the check above can fail
+after = train(lambda m: adamw(m, 1e-3, 0.2))  # with Dynamo imported: torch's methods as they are
+same = lambda a, b: a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+same_opt = lambda a, b: a["param_groups"] == b["param_groups"] and all(
+    same(a["state"][i], b["state"][i]) for i in a["state"])
+print(loaded, same(ours[0], ref[0]), same_opt(ours[1], ref[1]), same(after[0], ref[0]), ours[2], ref[2], after[2])
+"""
+
+
+def test_adamw_trains_like_torch_without_importing_dynamo() -> None:
+    """A process that trains with our AdamW (steps, zero_grad, an LR scheduler, a state-dict round trip) does
+    not import TorchDynamo, and ends with the same weights and optimizer state, bit for bit, as torch's fused
+    AdamW, its step hooks called once a step; once Dynamo is imported, the same again through torch's methods.
+    A fresh process: this one may have imported Dynamo already."""
+    r = subprocess.run([sys.executable, "-c", _NO_DYNAMO_CHILD], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["False", "True", "True", "True", "3", "3", "3"], r.stdout
 
 
 def test_real_size_vit_b32_forward_shapes() -> None:
