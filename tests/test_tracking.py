@@ -122,6 +122,28 @@ def test_a_tracker_that_fails_mid_run_does_not_stop_training(sink_config, tmp_pa
     assert steps == [1, 2], wandb_logs(offline)
 
 
+def test_a_tracker_that_cannot_open_its_run_does_not_stop_training(sink_config, tmp_path, capsys) -> None:
+    """MLflow's file store rewrites a run's meta.yaml in place at each status change; a worker killed during that
+    write (seen in the live-elastic test's teardown) leaves it empty, and from then on every search of the
+    experiment raises. The next attempt's sinks report it and train on with the run directory and W&B."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = sink_config
+    client = MlflowClient(cfg.metrics.mlflow.tracking_uri)
+    run = client.create_run(client.create_experiment("tests"))
+    (tmp_path / "mlruns" / run.info.experiment_id / run.info.run_id / "meta.yaml").write_text("")
+    sinks = MetricSinks(cfg, history=[], config_dict={})
+    assert set(sinks.errors) == {"mlflow"} and "mlflow" not in sinks.trackers
+    assert "[train] metrics to mlflow failed" in capsys.readouterr().out
+    history = [_record(1, 4.0)]
+    sinks.log(1, history[-1], history)
+    sinks.close(history)
+    assert set(sinks.errors) == {"mlflow"}
+    assert len(run_dir(cfg).read_bytes("metrics.jsonl").decode().splitlines()) == 1
+    (offline,) = (tmp_path / "wandb" / "wandb").glob("offline-run-*")
+    assert sorted(wandb_history(offline)[1]) == [1], wandb_logs(offline)
+
+
 def test_metrics_config_errors_name_the_key() -> None:
     with pytest.raises(ConfigError, match="metrics.upload_every"):
         load_config(TrainConfig, None, ["metrics.upload_every=-1"])

@@ -176,13 +176,20 @@ class MetricSinks:
             self.writer = SummaryWriter(log_dir=self.tb_dir, purge_step=resumed_at + 1 if resumed_at else None)
         uri = self.storage.uri("")
         self.trackers: dict[str, Any] = {}
+        # A tracker that cannot open its run is reported like any other sink failure, and training goes on without
+        # it: an MLflow file store whose run meta.yaml a killed worker left empty (MLflow rewrites it in place
+        # at every status change) makes every search of the experiment raise.
         if cfg.metrics.mlflow.tracking_uri:
-            self.trackers["mlflow"] = _Mlflow(cfg.metrics.mlflow, uri, cfg.run_name, flat_params(config_dict))
+            self._guard("mlflow", self._open, "mlflow",
+                        lambda: _Mlflow(cfg.metrics.mlflow, uri, cfg.run_name, flat_params(config_dict)))
         if cfg.metrics.wandb.project:
-            self.trackers["wandb"] = _Wandb(cfg.metrics.wandb, uri, cfg.run_name, config_dict)
+            self._guard("wandb", self._open, "wandb", lambda: _Wandb(cfg.metrics.wandb, uri, cfg.run_name, config_dict))
         if history:
             for name, t in self.trackers.items():
                 self._guard(name, t.backfill, history)
+
+    def _open(self, name: str, make) -> None:
+        self.trackers[name] = make()
 
     def _guard(self, name: str, fn, *args, retry: bool = False) -> None:
         """Call a sink; its first failure is printed and recorded. A tracker that failed is not called again;
