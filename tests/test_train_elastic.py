@@ -132,7 +132,7 @@ def test_live_elastic_node_lost_and_regained(ray_session, shards, tmp_path, monk
     proc = None
     run = Storage.from_uri(str(tmp_path / "runs" / "live"))
     log = tmp_path / "train.log"
-    total = 1000  # never reached: the test stops the run once it is back at 2 workers
+    total = 1000  # never reached: the test stops the run (its stop file) once it is back at 2 workers
     try:
         ray.init(address=cluster.address)
         _fast_autoscaling_coordinator()
@@ -158,8 +158,11 @@ def test_live_elastic_node_lost_and_regained(ray_session, shards, tmp_path, monk
         # The command's own main() (what `python -m pipelines.train` runs) with one test hook: half a second after
         # each step. The run trains while Ray notices the lost node and the new one; at full speed it trained
         # 92-114 steps in those waits when run alone (more when slowed by load), CPU the other tests need.
+        # Once back at 2 workers the test ends the open-ended run through a stop file (the run finishes as at its
+        # last step), not by killing it: a kill can land inside MLflow's in-place rewrite of the run's meta.yaml.
+        stop = tmp_path / "stop"
         paced = ("import sys\nfrom pipelines.train.hooks import TrainHooks\nfrom pipelines.train.stage import main\n"
-                 f"sys.exit(main(sys.argv[1:], TrainHooks(step_delay_s={STEP_DELAY_S})))")
+                 f"sys.exit(main(sys.argv[1:], TrainHooks(step_delay_s={STEP_DELAY_S}, stop_file={str(stop)!r})))")
         with open(log, "w") as out:
             proc = subprocess.Popen([sys.executable, "-c", paced, "--config", str(tmp_path / "live.yaml"),
                                      *readme_keys, "--verbose"], stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
@@ -175,6 +178,8 @@ def test_live_elastic_node_lost_and_regained(ray_session, shards, tmp_path, monk
         back = _wait_for("a checkpoint by 2 workers after the resize", lambda: [
             s for s in _committed_states(run) if s["world_size"] == 2 and s["step"] > first["step"]
             and any(r["from_world_size"] == 1 and r["world_size"] == 2 for r in s["resumes"])], proc, 240, log)[-1]
+        stop.touch()
+        assert proc.wait(240) == 0, log.read_text()[-3000:]
     finally:
         if proc is not None and proc.poll() is None:
             proc.terminate()
@@ -222,6 +227,7 @@ def test_live_elastic_node_lost_and_regained(ray_session, shards, tmp_path, monk
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for this process's MlflowClient (the workers set it)
     client = MlflowClient(uri)
     (mlrun,) = client.search_runs([client.get_experiment_by_name("clip").experiment_id])
+    assert mlrun.info.status == "FINISHED"
     sent = {m.step: m.value for m in client.get_metric_history(mlrun.info.run_id, "loss")}
     assert {s: v for s, v in sent.items() if s in committed} == pytest.approx(committed) and set(committed) <= set(sent)
 

@@ -413,6 +413,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             progress.step(state.step, record, state.history)
             if hooks.step_delay_s:
                 time.sleep(hooks.step_delay_s)
+            if hooks.stop_file and _stop_requested(hooks.stop_file, rank, world):
+                total = state.step
             if state.step % cfg.checkpoint_every == 0 or state.step == total:
                 _save(engine, cfg, hooks, storage, state, rank)
                 progress.checkpointed(state.history)
@@ -423,6 +425,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     finally:
         feeder.close()
     _finish(engine, cfg, storage, state, rank, sinks, startup)
+
+
+def _stop_requested(path: str, rank: int, world: int) -> bool:
+    """TrainHooks.stop_file: rank 0's look, the same answer on every rank (a collective)."""
+    flag = [rank == 0 and os.path.exists(path)]
+    if world > 1:
+        dist.broadcast_object_list(flag, src=0)
+    return bool(flag[0])
 
 
 def _finish(engine, cfg: TrainConfig, storage: Storage, state: ckpt_io.TrainState, rank: int,
