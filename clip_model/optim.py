@@ -58,11 +58,13 @@ class AdamW(torch.optim.AdamW):
     their first call: 800 more modules in every training worker (the optimizer is built as the worker starts,
     also after each elastic resize), when nothing compiles. A fresh process that imports DeepSpeed, builds a
     ZeRO-2 engine and steps once took 7.3 CPU s with this class, 12.6 with torch's AdamW, on 2 cores
-    (benchmarks/bench_engine_start.py, 6 rounds). Those
-    wrappers matter only while Dynamo traces, which needs Dynamo imported: so while it is not, these methods call
-    torch's own functions under them (the step under `torch.no_grad()`, as torch's wrapper does); once anything
-    has imported Dynamo, they are torch's methods unchanged. Step hooks and the profiler's step record still run
-    (`Optimizer._patch_step_function` wraps this class's `step`). The update is torch's fused or per-tensor AdamW."""
+    (benchmarks/bench_engine_start.py, 6 rounds).
+
+    Those wrappers matter only while Dynamo traces, which needs Dynamo imported: so while it is not, these methods
+    call torch's own functions under them (the step under `torch.no_grad()`, as torch's wrapper does); once
+    anything has imported Dynamo, they are torch's methods unchanged. Step hooks and the profiler's step record
+    still run (`Optimizer._patch_step_function` wraps this class's `step`). The update is torch's fused or
+    per-tensor AdamW."""
 
     def step(self, closure: Any = None) -> Any:
         if _dynamo_loaded() or self.defaults["differentiable"]:
