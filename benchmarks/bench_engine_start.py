@@ -8,8 +8,8 @@ Four ways, in fresh processes, their order rotated round by round:
   kernels' `torch.compile` deferred to their first call, so TorchInductor is not imported), and torch's own
   AdamW, whose methods import TorchDynamo on their first call.
 - ours: the same import and `clip_model.optim.AdamW`, which does not import TorchDynamo (what training runs).
-All build the same engine and take the same step; all but torch-adamw use `clip_model.optim.adamw`. CPU is the child's user + system time (getrusage), so the
-interpreter's start-up and every import count.
+All build the same engine and take the same step; all but torch-adamw use `clip_model.optim.adamw`. CPU is the
+child's user + system time (getrusage), so the interpreter's start-up and every import count.
 
 Run: .venv/bin/python -m benchmarks.bench_engine_start --rounds 6
 """
