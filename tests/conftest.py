@@ -62,14 +62,15 @@ RAY_CPUS = 4
 
 
 def _start_ray() -> None:
-    import ray
+    """The product's own local Ray (what a command starts when it is given no cluster), without a dashboard."""
+    import os
 
-    from pipelines.core.runtime import local_system_config
+    from pipelines.core.runtime import RayConfig, init_ray
 
-    # address="local": never join a `ray start` head that another test (tests/test_run.py) runs beside us.
-    ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}},
-             _system_config=local_system_config(RAY_CPUS))
+    # Never join a cluster from the shell's RAY_ADDRESS; a local Ray is always new (address="local"), so it never
+    # joins a `ray start` head that another test (tests/test_run.py) runs beside us either.
+    os.environ.pop("RAY_ADDRESS", None)
+    init_ray(RayConfig(num_cpus=RAY_CPUS, dashboard=False))
 
 
 @pytest.fixture(scope="session")

@@ -99,6 +99,12 @@ def init_ray(cfg: RayConfig) -> None:
         console.attach_ray()
         return
     console.attach_ray()  # Ray's start-up messages go to a command's log file too
+    # A local Ray's processes inherit this process's environment: its workers get the variable (albumentations,
+    # which img2dataset imports, then makes no update check over the network) without a runtime env. A job-level
+    # runtime env, even env_vars alone, starts every worker through Ray's setup_worker.py, a second Python that
+    # imports Ray and then execs the real worker: 0.93 against 0.57 CPU s per worker, and 4 one-second tasks on a
+    # fresh Ray returned after 3.07 against 1.66 s (means of 6 rounds, benchmarks/bench_ray_workers.py). On a
+    # cluster the variable belongs in the job's runtime env (cluster/runtime_env.yaml).
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     address = cluster_address(cfg)
     if address:
@@ -111,8 +117,7 @@ def init_ray(cfg: RayConfig) -> None:
         # services bind the address of the machine's outward interface.
         ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=cfg.dashboard, dashboard_host="127.0.0.1",
                        _node_ip_address="127.0.0.1",
-                       log_to_driver=True, runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}},
-                       _system_config=local_system_config(num_cpus))
+                       log_to_driver=True, _system_config=local_system_config(num_cpus))
     console.attach_ray()  # now the workers' output, which the driver receives, goes there as well
     if getattr(ctx, "dashboard_url", None):
         # Ray 2.60 clusters use token authentication: the dashboard asks for the token this command prints.
