@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import os
 import re
+import sys
 import uuid
 from collections.abc import Iterator
 
@@ -10,6 +13,21 @@ import pytest
 
 from pipelines.demo.local_s3 import LocalS3
 from pipelines.core.storage import Storage
+
+
+def _exit_without_finalizing() -> None:
+    """An xdist worker's last act: leave without Python's finalization (freeing every module and object of a
+    process that loaded torch, Ray, DeepSpeed, MLflow and W&B). Registered when this conftest is imported, before
+    the libraries the tests import, so their exit handlers (run last-registered first) have all run by then. Its
+    results are with the controller already, which waits for the worker process to end: that wait took 3.4 s
+    after the last exit handler in one worker."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    atexit.register(_exit_without_finalizing)
 
 
 @pytest.fixture(scope="session")
