@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -88,7 +89,7 @@ def head(tmp_path_factory):
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     try:
-        _wait_for_job_server(proc, url, env, log.name, temp)
+        _wait_for_listeners(proc, {"dashboard": dash, "dashboard agent": agent_http}, log.name, temp)
         yield {"dashboard": url, "gcs": f"127.0.0.1:{gcs}", "env": env}
     finally:  # also when start-up failed: never leave a head behind
         # SIGTERM lets `ray start --block` stop its processes; it takes ~30 s to wait on each of them, and
@@ -110,26 +111,40 @@ def head(tmp_path_factory):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _wait_for_job_server(proc: subprocess.Popen, url: str, env: dict, log: str, temp: str) -> None:
-    """Ready = a trivial job runs to SUCCEEDED (the job server answers before the node's agent registers)."""
+def _wait_for_listeners(proc: subprocess.Popen, ports: dict[str, int], log: str, temp: str) -> None:
+    """Ready to submit to, nearly: the dashboard (the job server) and the node's dashboard agent accept
+    connections. Its job module or its list of agents may lag for a moment; `_submit` submits again then.
+    (Before: a trivial job submitted until it succeeded, 15-20 s at the module's start with two `ray` CLIs.)"""
     deadline = time.time() + 180
-    while time.time() < deadline:
-        r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", url, "--", "python", "-c", "pass"],
-                           env=env, capture_output=True, text=True, timeout=120)
-        if r.returncode == 0:
-            return
+    waiting = dict(ports)
+    while waiting and time.time() < deadline:
+        for name, port in list(waiting.items()):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                del waiting[name]
         assert proc.poll() is None, f"ray start exited: {Path(log).read_text()[-3000:]}"
-        time.sleep(2)
-    agent_logs = "\n".join(f"== {p}\n{p.read_text(errors='replace')[-1500:]}"
-                           for p in Path(temp).glob("session_latest/logs/dashboard_agent*"))
-    raise AssertionError(f"the head never ran a job: {r.stdout[-1000:]}{r.stderr[-2000:]}\n"
-                         f"{Path(log).read_text()[-2000:]}\n{agent_logs}")
+        time.sleep(0.2)
+    if waiting:
+        agent_logs = "\n".join(f"== {p}\n{p.read_text(errors='replace')[-1500:]}"
+                               for p in Path(temp).glob("session_latest/logs/dashboard_agent*"))
+        raise AssertionError(f"the head never listened on {waiting}:\n{Path(log).read_text()[-2000:]}\n{agent_logs}")
+
+
+# What `ray job submit` prints once the job server has created the job: a submission without it created nothing
+# (the job server not up yet, or still knowing no agent: "No available agent to submit job, please try again
+# later.") and is safe to repeat.
+SUBMITTED = "submitted successfully"
 
 
 def _submit(head, args: list[str], timeout: float = 1200) -> subprocess.CompletedProcess:
+    """`ray job submit` of the DAG, submitted again while the head is not ready to create the job."""
     cmd = [str(BIN / "ray"), "job", "submit", "--address", head["dashboard"], "--working-dir", str(REPO),
            "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"), "--", "python", "-m", "pipelines.run", *args]
-    return subprocess.run(cmd, cwd=REPO, env=head["env"], capture_output=True, text=True, timeout=timeout)
+    deadline = time.time() + 180
+    while True:
+        r = subprocess.run(cmd, cwd=REPO, env=head["env"], capture_output=True, text=True, timeout=timeout)
+        if r.returncode == 0 or SUBMITTED in r.stdout + r.stderr or time.time() > deadline:
+            return r
+        time.sleep(1)
 
 
 def _driver(head, args: list[str], **kw) -> subprocess.Popen:
