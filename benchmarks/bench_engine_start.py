@@ -20,9 +20,10 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
+
+from benchmarks.spread import spread
 
 CHILD = r"""
 import os, sys
@@ -78,11 +79,6 @@ def run_once(mode: str) -> dict:
             "dynamo": words[7] == "True"}
 
 
-def _stats(xs: list[float]) -> dict:
-    xs = sorted(xs)
-    return {"mean": statistics.mean(xs), "median": statistics.median(xs), "max": xs[-1],
-            "p90": xs[min(len(xs) - 1, round(0.9 * (len(xs) - 1)))]}
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -97,8 +93,8 @@ def main() -> None:
         rows += by.values()
         print(f"round {i + 1}: " + ", ".join(f"{m} {by[m]['cpu_s']:.2f} s" for m in modes), flush=True)
     cpu = {m: [r["cpu_s"] for r in rows if r["mode"] == m] for m in modes}
-    stats = {m: _stats(cpu[m]) for m in modes}
-    ratio = {m: _stats([o / p for o, p in zip(cpu["ours"], cpu[m])]) for m in modes[:-1]}
+    stats = {m: spread(cpu[m]) for m in modes}
+    ratio = {m: spread([o / p for o, p in zip(cpu["ours"], cpu[m])]) for m in modes[:-1]}
     last = {r["mode"]: r for r in rows}
     lines = [f"# A training worker's start: import DeepSpeed, build a ZeRO-2 engine (tiny-vit), one step; {args.rounds} "
              "rounds, fresh processes, order rotated", "",

@@ -20,9 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
+
+from benchmarks.spread import spread
 
 CHILD = r"""
 import json, os, sys, time
@@ -63,11 +64,6 @@ def run_once(mode: str) -> dict:
     return {"mode": mode, **row}
 
 
-def _stats(xs: list[float]) -> dict:
-    xs = sorted(xs)
-    return {"mean": statistics.mean(xs), "median": statistics.median(xs), "max": xs[-1],
-            "p90": xs[min(len(xs) - 1, round(0.9 * (len(xs) - 1)))]}
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -82,9 +78,9 @@ def main() -> None:
         rows += by.values()
         print(f"round {i + 1}: " + ", ".join(f"{m} {by[m]['cpu_per_worker_s']:.2f} CPU s/worker, {by[m]['wall_s']:.2f} s"
                                              for m in modes), flush=True)
-    stats = {m: {k: _stats([r[k] for r in rows if r["mode"] == m]) for k in ("cpu_per_worker_s", "wall_s")}
+    stats = {m: {k: spread([r[k] for r in rows if r["mode"] == m]) for k in ("cpu_per_worker_s", "wall_s")}
              for m in modes}
-    ratio = {k: _stats([o[k] / b[k] for o, b in zip([r for r in rows if r["mode"] == "ours"],
+    ratio = {k: spread([o[k] / b[k] for o, b in zip([r for r in rows if r["mode"] == "ours"],
                                                     [r for r in rows if r["mode"] == "runtime-env"])])
              for k in ("cpu_per_worker_s", "wall_s")}
     lines = [f"# A local Ray's first 4 workers, with and without a job-level runtime env; {args.rounds} rounds, fresh "
