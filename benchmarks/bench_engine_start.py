@@ -17,13 +17,12 @@ Run: .venv/bin/python -m benchmarks.bench_engine_start --rounds 6
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import subprocess
 import sys
 
-from benchmarks.spread import spread
+from benchmarks.spread import spread, write_report
 
 CHILD = r"""
 import os, sys
@@ -109,12 +108,7 @@ def main() -> None:
     for base, r in ratio.items():
         lines.append(f"- ours / {base}, round by round: mean {r['mean']:.3f}, median {r['median']:.3f}, worst {r['max']:.3f}; "
                      f"CPU saved per process: mean {stats[base]['mean'] - stats['ours']['mean']:.2f} s.")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_engine_start.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(args.out, "bench_engine_start.json"), "w") as f:
-        json.dump({"rounds": rows, "stats": stats, "ratio_of_ours_to": ratio}, f, indent=2)
-    print("\n".join(lines))
+    write_report(args.out, "bench_engine_start", lines, {"rounds": rows, "stats": stats, "ratio_of_ours_to": ratio})
 
 
 if __name__ == "__main__":

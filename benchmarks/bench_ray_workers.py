@@ -23,7 +23,7 @@ import os
 import subprocess
 import sys
 
-from benchmarks.spread import spread
+from benchmarks.spread import spread, write_report
 
 CHILD = r"""
 import json, os, sys, time
@@ -94,12 +94,7 @@ def main() -> None:
     lines += ["", f"- ours / runtime-env, round by round: CPU per worker mean {ratio['cpu_per_worker_s']['mean']:.3f} "
                   f"(worst {ratio['cpu_per_worker_s']['max']:.3f}); wall mean {ratio['wall_s']['mean']:.3f} "
                   f"(worst {ratio['wall_s']['max']:.3f})."]
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_ray_workers.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(args.out, "bench_ray_workers.json"), "w") as f:
-        json.dump({"rounds": rows, "stats": stats, "ratio_of_ours_to_runtime_env": ratio}, f, indent=2)
-    print("\n".join(lines))
+    write_report(args.out, "bench_ray_workers", lines, {"rounds": rows, "stats": stats, "ratio_of_ours_to_runtime_env": ratio})
 
 
 if __name__ == "__main__":
