@@ -86,8 +86,6 @@ RAY_CPUS = 4
 
 def _start_ray() -> None:
     """The product's own local Ray (what a command starts when it is given no cluster), without a dashboard."""
-    import os
-
     from pipelines.core.runtime import RayConfig, init_ray
 
     # Never join a cluster from the shell's RAY_ADDRESS; a local Ray is always new (address="local"), so it never
