@@ -1,7 +1,9 @@
-"""Mean and tail of repeated measurements, for the benchmarks that compare ways round by round."""
+"""Mean and tail of repeated measurements, and the report files, for the benchmarks that compare ways round by round."""
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 
 
@@ -14,9 +16,6 @@ def spread(xs: list[float]) -> dict:
 
 def write_report(out_dir: str, name: str, lines: list[str], data: dict) -> None:
     """`out_dir`/`name`.md (the table a person reads) and `name`.json (every round), and the table on stdout."""
-    import json
-    import os
-
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
